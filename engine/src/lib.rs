@@ -1,0 +1,1 @@
+//! herald: the embeddable campaign push engine.
