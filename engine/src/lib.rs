@@ -1,1 +1,4 @@
 //! herald: the embeddable campaign push engine.
+
+pub mod providers;
+pub mod testkit;

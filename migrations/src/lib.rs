@@ -1,1 +1,71 @@
-//! placeholder
+//! herald's database schema as sea-orm migrations, portable between PostgreSQL and SQLite.
+//!
+//! [`Migrator`] lists the migrations in order: the membership reference tables, the
+//! marketing reference tables, then herald's own campaign bookkeeping. Run
+//! `Migrator::up(&db, None)` to create every table and `Migrator::down(&db, None)` to drop
+//! them again. Table and column names are a contract with the rest of the workspace.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_membership;
+mod m20261121_000002_marketing;
+mod m20261121_000003_campaign;
+
+/// Applies and rolls back herald's schema migrations, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261121_000001_membership::Migration),
+            Box::new(m20261121_000002_marketing::Migration),
+            Box::new(m20261121_000003_campaign::Migration),
+        ]
+    }
+}
+
+/// A `BIGINT` auto-increment primary key (`bigserial` on PostgreSQL).
+///
+/// sea-query's own `schema::pk_auto` is a 32-bit `integer`; ids here are 64-bit. On SQLite
+/// sea-query renders this as `integer PRIMARY KEY AUTOINCREMENT`, the only form SQLite
+/// accepts for auto-increment, and SQLite integers are 64-bit anyway.
+fn pk_big_auto<T: IntoIden>(col: T) -> ColumnDef {
+    ColumnDef::new(col)
+        .big_integer()
+        .auto_increment()
+        .primary_key()
+        .take()
+}
+
+/// Creates a plain (non-unique) index `name` on `table` over `cols`.
+fn index<T, C, I>(name: &str, table: T, cols: I) -> IndexCreateStatement
+where
+    T: IntoIden + 'static,
+    C: IntoIden,
+    I: IntoIterator<Item = C>,
+{
+    let mut stmt = Index::create();
+    stmt.name(name).table(table);
+    for col in cols {
+        stmt.col(col);
+    }
+    stmt
+}
+
+/// Creates a unique index `name` on `table` over `cols`.
+fn unique_index<T, C, I>(name: &str, table: T, cols: I) -> IndexCreateStatement
+where
+    T: IntoIden + 'static,
+    C: IntoIden,
+    I: IntoIterator<Item = C>,
+{
+    let mut stmt = index(name, table, cols);
+    stmt.unique();
+    stmt
+}
+
+/// Drops `table`; its indexes go with it on both backends.
+fn drop_table<T: IntoIden + 'static>(table: T) -> TableDropStatement {
+    Table::drop().table(table).to_owned()
+}

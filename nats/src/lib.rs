@@ -1,1 +1,33 @@
-//! placeholder
+//! herald's JetStream layer: the stream topology ([`Topology`]), batched publishing with
+//! deterministic message ids ([`publish_all`]), and the consume side ([`Delivery`]): typed
+//! decode, ack after the work, bounded retry with a delay, and dead letters.
+
+pub mod consume;
+pub mod publish;
+pub mod topology;
+
+pub use consume::{consume, ConsumeSettings, Delivery, Outcome};
+pub use publish::{publish_all, Outgoing};
+pub use topology::{StageConsumer, StreamSettings, Topology};
+
+/// A JetStream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// Creating or reading a stream or consumer failed.
+    #[error("jetstream topology: {0}")]
+    Topology(String),
+    /// A publish was not acknowledged by the server.
+    #[error("jetstream publish to {subject}: {reason}")]
+    Publish {
+        /// Subject of the message that failed.
+        subject: String,
+        /// What the server or client said.
+        reason: String,
+    },
+    /// Acknowledging a message failed.
+    #[error("jetstream ack: {0}")]
+    Ack(String),
+    /// Encoding a message failed.
+    #[error("encode: {0}")]
+    Encode(#[from] herald_schemas::CodecError),
+}

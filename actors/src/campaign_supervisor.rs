@@ -1,0 +1,282 @@
+//! One campaign on one node: spawns the push sender, bucket expander and sharder
+//! (downstream first), restarts a failed child up to a limit, and checks the campaign's
+//! records for completion. Every node runs a supervisor per active campaign; their workers
+//! share the stage consumers, and whichever node sees completion first records it.
+
+use std::{collections::HashMap, sync::Arc};
+
+use async_trait::async_trait;
+use herald_schemas::CampaignState;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::task::JoinHandle;
+
+use crate::{
+    bucket_expander::BucketExpander,
+    context::Shared,
+    push_sender::PushSender,
+    sharder::Sharder,
+    stage::{durable_name, Stage, StageArgs, StageWorker},
+    store::Campaign,
+};
+
+/// The campaign supervisor actor.
+pub struct CampaignSupervisor;
+
+/// Start arguments.
+pub struct SupervisorArgs {
+    /// Node state.
+    pub shared: Arc<Shared>,
+    /// The campaign to run.
+    pub campaign_id: i64,
+}
+
+/// Messages the supervisor handles.
+#[derive(Debug)]
+pub enum SupervisorMsg {
+    /// Check progress and respawn missing children.
+    Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Child {
+    Sender,
+    Expander,
+    Sharder,
+}
+
+/// Supervisor state.
+pub struct SupervisorState {
+    shared: Arc<Shared>,
+    campaign: Arc<Campaign>,
+    children: HashMap<ActorId, Child>,
+    restarts: HashMap<Child, u32>,
+    missing: Vec<Child>,
+    ticker: Option<JoinHandle<()>>,
+    stopping: bool,
+}
+
+impl CampaignSupervisor {
+    async fn spawn_child(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        child: Child,
+    ) -> Result<(), ActorProcessingErr> {
+        let shared = state.shared.clone();
+        let campaign = state.campaign.clone();
+        let cell = myself.get_cell();
+        let actor: ActorCell = match child {
+            Child::Sender => {
+                let stage = PushSender::new(shared.clone(), campaign.clone())?;
+                spawn_stage(stage, shared, campaign, cell).await?
+            }
+            Child::Expander => {
+                let stage = BucketExpander::new(shared.clone(), campaign.clone());
+                spawn_stage(stage, shared, campaign, cell).await?
+            }
+            Child::Sharder => {
+                let stage = Sharder::new(shared.clone(), campaign.id);
+                spawn_stage(stage, shared, campaign, cell).await?
+            }
+        };
+        state.children.insert(actor.get_id(), child);
+        Ok(())
+    }
+
+    /// Spawns the missing children, downstream first; a failure leaves them for the next tick.
+    async fn spawn_missing(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
+        let mut missing = std::mem::take(&mut state.missing);
+        missing.sort_by_key(|c| *c as u8);
+        for child in missing {
+            if let Err(e) = Self::spawn_child(myself, state, child).await {
+                tracing::warn!(campaign_id = state.campaign.id, ?child, error = %e, "starting stage failed, will retry");
+                state.missing.push(child);
+            }
+        }
+    }
+
+    async fn check_progress(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let store = &state.shared.store;
+        let id = state.campaign.id;
+        let Some(campaign) = store.campaign(id).await? else {
+            myself.stop(Some("campaign deleted".into()));
+            return Ok(());
+        };
+        if campaign.status.is_final() {
+            myself.stop(Some(format!("campaign {}", campaign.status.as_str())));
+            return Ok(());
+        }
+        let Some(total) = campaign.buckets_total else {
+            return Ok(());
+        };
+        let p = store.progress(id).await?;
+        if p.buckets_done < total || p.batches_done < p.parts_total {
+            return Ok(());
+        }
+        let won = store
+            .finish(id, CampaignState::Completed, &p, None, chrono::Utc::now())
+            .await?;
+        if won {
+            tracing::info!(campaign_id = id, recipients = p.recipients, sent = p.sent, skipped = p.skipped, failed = p.failed, "campaign completed");
+            Self::delete_consumers(state).await;
+        }
+        myself.stop(Some("campaign completed".into()));
+        Ok(())
+    }
+
+    async fn delete_consumers(state: &SupervisorState) {
+        let topo = &state.shared.topology;
+        let s = topo.subjects();
+        let id = state.campaign.id;
+        for (stream, name) in [
+            (s.campaigns_stream(), Sharder::NAME),
+            (s.buckets_stream(), BucketExpander::NAME),
+            (s.push_stream(), PushSender::NAME),
+        ] {
+            let durable = durable_name(s.prefix(), name, id);
+            if let Err(e) = topo.delete_consumer(&stream, &durable).await {
+                tracing::warn!(campaign_id = id, consumer = %durable, error = %e, "deleting consumer failed");
+            }
+        }
+    }
+
+    async fn fail_campaign(state: &SupervisorState, reason: &str) {
+        let store = &state.shared.store;
+        let id = state.campaign.id;
+        let progress = store.progress(id).await.unwrap_or_default();
+        match store
+            .finish(id, CampaignState::Failed, &progress, Some(reason), chrono::Utc::now())
+            .await
+        {
+            Ok(_) => tracing::error!(campaign_id = id, reason, "campaign failed"),
+            Err(e) => tracing::error!(campaign_id = id, reason, error = %e, "recording campaign failure failed"),
+        }
+    }
+}
+
+async fn spawn_stage<S: Stage>(
+    stage: S,
+    shared: Arc<Shared>,
+    campaign: Arc<Campaign>,
+    supervisor: ActorCell,
+) -> Result<ActorCell, ActorProcessingErr> {
+    let (actor, _) = Actor::spawn_linked(
+        None,
+        StageWorker::<S>::default(),
+        StageArgs {
+            shared,
+            campaign,
+            stage: Arc::new(stage),
+        },
+        supervisor,
+    )
+    .await?;
+    Ok(actor.get_cell())
+}
+
+#[async_trait]
+impl Actor for CampaignSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let campaign = args
+            .shared
+            .store
+            .campaign(args.campaign_id)
+            .await?
+            .ok_or_else(|| format!("campaign {} not found", args.campaign_id))?;
+        if campaign.status.is_final() {
+            return Err(format!("campaign {} is {}", campaign.id, campaign.status.as_str()).into());
+        }
+        let mut state = SupervisorState {
+            shared: args.shared.clone(),
+            campaign: Arc::new(campaign),
+            children: HashMap::new(),
+            restarts: HashMap::new(),
+            missing: vec![Child::Sender, Child::Expander, Child::Sharder],
+            ticker: None,
+            stopping: false,
+        };
+        Self::spawn_missing(&myself, &mut state).await;
+        let period = args.shared.settings.progress_interval;
+        state.ticker = Some(myself.send_interval(period, || SupervisorMsg::Tick));
+        tracing::info!(campaign_id = state.campaign.id, node = %args.shared.node_id, "campaign supervisor started");
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Tick if !state.stopping => {
+                if !state.missing.is_empty() {
+                    Self::spawn_missing(&myself, state).await;
+                }
+                if let Err(e) = Self::check_progress(&myself, state).await {
+                    tracing::warn!(campaign_id = state.campaign.id, error = %e, "progress check failed");
+                }
+            }
+            SupervisorMsg::Tick => {}
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".into()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(child) = state.children.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        if state.stopping {
+            return Ok(());
+        }
+        let n = state.restarts.entry(child).or_insert(0);
+        *n += 1;
+        if *n > state.shared.settings.max_restarts {
+            let why = format!("{child:?} failed {} times, last: {reason}", *n);
+            Self::fail_campaign(state, &why).await;
+            myself.stop(Some(why));
+            return Ok(());
+        }
+        tracing::warn!(campaign_id = state.campaign.id, ?child, restart = *n, reason = %reason, "restarting stage");
+        state.missing.push(child);
+        Self::spawn_missing(&myself, state).await;
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.stopping = true;
+        if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        myself
+            .stop_children_and_wait(Some("supervisor stopping".into()), Some(state.shared.settings.push.ack_wait * 2))
+            .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+//! What every actor of a node shares: connections, the provider set and the settings.
+
+use std::{sync::Arc, time::Duration};
+
+use herald_nats::{ConsumeSettings, StageConsumer, Topology};
+use tokio::sync::Semaphore;
+
+use crate::{markers::Markers, provider::Providers, store::Store};
+
+/// How one stage pulls and retries.
+#[derive(Debug, Clone)]
+pub struct StageSettings {
+    /// Messages one node handles at once for one campaign.
+    pub concurrency: usize,
+    /// Redelivery after this long without an ack or progress.
+    pub ack_wait: Duration,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    /// Unacked messages in flight across all nodes.
+    pub max_ack_pending: i64,
+    /// First retry delay; doubles per delivery.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl StageSettings {
+    /// The stage's consume settings.
+    pub fn consume(&self) -> ConsumeSettings {
+        ConsumeSettings {
+            concurrency: self.concurrency,
+            max_deliver: self.max_deliver,
+            ack_wait: self.ack_wait,
+            retry_base: self.retry_base,
+            retry_max: self.retry_max,
+        }
+    }
+
+    /// The durable consumer spec for this stage.
+    pub fn consumer(&self, durable: String, stream: String, filter: String) -> StageConsumer {
+        StageConsumer {
+            durable,
+            stream,
+            filter,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending: self.max_ack_pending,
+        }
+    }
+}
+
+/// The pipeline's knobs; the engine's config fills them.
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// User ids per bucket.
+    pub bucket_size: i64,
+    /// Recipients per push batch.
+    pub batch_size: usize,
+    /// Messages per publish batch.
+    pub publish_max_messages: usize,
+    /// Bytes per publish batch.
+    pub publish_max_bytes: usize,
+    /// Sharder stage.
+    pub shard: StageSettings,
+    /// Bucket expander stage.
+    pub expand: StageSettings,
+    /// Push sender stage.
+    pub push: StageSettings,
+    /// Provider calls in flight on this node, all campaigns together.
+    pub send_concurrency: usize,
+    /// Tries per recipient within one delivery of a batch before the batch is retried later.
+    pub send_attempts: u32,
+    /// First in-place retry delay for a recipient.
+    pub send_retry_base: Duration,
+    /// Longest in-place retry delay (a longer Retry-After retries the batch later instead).
+    pub send_retry_max: Duration,
+    /// How long a claim lives: longer than the slowest send with its retries.
+    pub claim_ttl: Duration,
+    /// How long confirmations are kept (the replay horizon).
+    pub marker_ttl: Duration,
+    /// How often a campaign supervisor checks for completion.
+    pub progress_interval: Duration,
+    /// Restarts of one child within a campaign before the campaign is failed.
+    pub max_restarts: u32,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        let stage = StageSettings {
+            concurrency: 8,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 8,
+            max_ack_pending: 1000,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+        };
+        Self {
+            bucket_size: 1000,
+            batch_size: 100,
+            publish_max_messages: 100,
+            publish_max_bytes: 800 * 1024,
+            shard: StageSettings {
+                concurrency: 1,
+                ..stage.clone()
+            },
+            expand: stage.clone(),
+            push: StageSettings {
+                concurrency: 64,
+                ..stage
+            },
+            send_concurrency: 2048,
+            send_attempts: 4,
+            send_retry_base: Duration::from_millis(100),
+            send_retry_max: Duration::from_secs(2),
+            claim_ttl: Duration::from_secs(60),
+            marker_ttl: Duration::from_secs(30 * 24 * 3600),
+            progress_interval: Duration::from_millis(500),
+            max_restarts: 5,
+        }
+    }
+}
+
+/// Everything a node's actors share.
+pub struct Shared {
+    /// This node's id (logs, claim tokens).
+    pub node_id: String,
+    /// The NATS connection.
+    pub nats: async_nats::Client,
+    /// Streams and consumers.
+    pub topology: Topology,
+    /// The database.
+    pub store: Store,
+    /// Idempotency markers.
+    pub markers: Markers,
+    /// Providers by inform type.
+    pub providers: Providers,
+    /// Knobs.
+    pub settings: PipelineSettings,
+    /// Bounds provider calls in flight on this node.
+    pub send_permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Shared state; the send semaphore is sized from the settings.
+    pub fn new(
+        node_id: String,
+        nats: async_nats::Client,
+        topology: Topology,
+        store: Store,
+        markers: Markers,
+        providers: Providers,
+        settings: PipelineSettings,
+    ) -> Arc<Self> {
+        let permits = Arc::new(Semaphore::new(settings.send_concurrency.max(1)));
+        Arc::new(Self {
+            node_id,
+            nats,
+            topology,
+            store,
+            markers,
+            providers,
+            settings,
+            send_permits: permits,
+        })
+    }
+}

@@ -1,0 +1,253 @@
+//! The push sender stage: for each `PushBatch`, claim its users in Redis (one script call),
+//! send to the claimed ones through the campaign's provider with bounded concurrency and a
+//! few quick in-place retries, confirm what was sent or failed for good, release the rest, and
+//! ack only when every user of the batch is settled. Users that still need a retry send the
+//! batch back to JetStream with a delay; on the last delivery they are recorded as failed.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use herald_nats::{Delivery, Outcome};
+use herald_schemas::{decode, PushBatch, Subjects};
+
+use crate::{
+    context::{Shared, StageSettings},
+    markers::{ClaimState, Settled},
+    provider::{Provider, Push, SendError},
+    stage::Stage,
+    store::Campaign,
+};
+
+/// Most recipients a batch may carry; more is a malformed message.
+const MAX_BATCH_RECIPIENTS: usize = 10_000;
+/// Tries for the Redis and database writes that settle a batch after its sends.
+const SETTLE_ATTEMPTS: u32 = 5;
+
+/// Sends the push batches of one campaign.
+pub struct PushSender {
+    shared: Arc<Shared>,
+    campaign: Arc<Campaign>,
+    provider: Arc<dyn Provider>,
+    title: Arc<str>,
+    body: Arc<str>,
+}
+
+enum Sent {
+    Ok,
+    Failed(String),
+    Retry(String, Option<Duration>),
+}
+
+impl PushSender {
+    /// The sender of `campaign`; fails when no provider serves its inform type.
+    pub fn new(shared: Arc<Shared>, campaign: Arc<Campaign>) -> Result<Self, String> {
+        let provider = shared
+            .providers
+            .get(campaign.inform_type)
+            .ok_or_else(|| format!("no provider configured for {}", campaign.inform_type))?;
+        Ok(Self {
+            title: campaign.title.as_str().into(),
+            body: campaign.body.as_str().into(),
+            shared,
+            campaign,
+            provider,
+        })
+    }
+
+    async fn send_one(&self, user_id: i64) -> Sent {
+        let s = &self.shared.settings;
+        let push = Push {
+            campaign_id: self.campaign.id,
+            user_id,
+            channel: self.campaign.inform_type,
+            title: self.title.clone(),
+            body: self.body.clone(),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = {
+                let Ok(_permit) = self.shared.send_permits.acquire().await else {
+                    return Sent::Retry("node shutting down".into(), None);
+                };
+                self.provider.send(&push).await
+            };
+            match result {
+                Ok(()) => return Sent::Ok,
+                Err(SendError::Permanent { reason }) => return Sent::Failed(reason),
+                Err(SendError::Retryable {
+                    reason,
+                    retry_after,
+                }) => {
+                    let wait = retry_after.unwrap_or_else(|| {
+                        s.send_retry_base
+                            .saturating_mul(2u32.saturating_pow(attempt - 1))
+                    });
+                    if attempt >= s.send_attempts || wait > s.send_retry_max {
+                        return Sent::Retry(reason, retry_after);
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn process(&self, batch: PushBatch, d: &Delivery) -> Result<Outcome, String> {
+        let markers = &self.shared.markers;
+        let cid = batch.campaign_id;
+        let token = format!("{}:{}:{}", self.shared.node_id, d.stream_sequence, d.delivered);
+        let field = format!("{}:{}", batch.bucket, batch.part);
+        let states = markers
+            .claim(cid, &batch.user_ids, &token)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut claimed = Vec::new();
+        let mut busy = 0usize;
+        for (user, state) in batch.user_ids.iter().zip(&states) {
+            match state {
+                ClaimState::Claimed => claimed.push(*user),
+                ClaimState::Busy => busy += 1,
+                ClaimState::Done => {}
+            }
+        }
+        let results = join_all(claimed.iter().map(|u| self.send_one(*u))).await;
+        let last = d.delivered >= self.shared.settings.push.max_deliver;
+        let mut sent = Vec::new();
+        let mut failed: Vec<(i64, String)> = Vec::new();
+        let mut retry = Vec::new();
+        let mut retry_after: Option<Duration> = None;
+        let mut retry_reason = String::new();
+        for (user, r) in claimed.iter().zip(results) {
+            match r {
+                Sent::Ok => sent.push(*user),
+                Sent::Failed(reason) => failed.push((*user, reason)),
+                Sent::Retry(reason, _) if last => failed.push((
+                    *user,
+                    format!("gave up after {} deliveries: {reason}", d.delivered),
+                )),
+                Sent::Retry(reason, after) => {
+                    retry.push(*user);
+                    retry_after = retry_after.max(after);
+                    retry_reason = reason;
+                }
+            }
+        }
+        // Sends happened: settle them with bounded retries before anything else can fail.
+        let now = chrono::Utc::now();
+        let failed_users: Vec<i64> = failed.iter().map(|(u, _)| *u).collect();
+        let (total_sent, total_failed) = settle_with_retries(|| async {
+            self.shared
+                .store
+                .record_failures(cid, &failed, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            let s = markers
+                .confirm(cid, &field, Settled::Sent, &sent, &token)
+                .await
+                .map_err(|e| e.to_string())?;
+            let f = markers
+                .confirm(cid, &field, Settled::Failed, &failed_users, &token)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((s, f))
+        })
+        .await?;
+        if !retry.is_empty() || (busy > 0 && !last) {
+            if let Err(e) = markers.release(cid, &retry, &token).await {
+                tracing::warn!(campaign_id = cid, error = %e, "releasing claims failed; they expire");
+            }
+            let reason = if retry.is_empty() {
+                format!("{busy} recipients are being sent by another worker")
+            } else {
+                format!("{} recipients to retry: {retry_reason}", retry.len())
+            };
+            return Ok(Outcome::Retry {
+                reason,
+                delay: retry_after,
+            });
+        }
+        let recipients = batch.user_ids.len() as i64;
+        let skipped = (recipients - total_sent - total_failed).max(0);
+        settle_with_retries(|| async {
+            self.shared
+                .store
+                .record_batch(
+                    cid,
+                    batch.bucket,
+                    batch.part,
+                    recipients as i32,
+                    total_sent as i32,
+                    skipped as i32,
+                    total_failed as i32,
+                    chrono::Utc::now(),
+                )
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        Ok(Outcome::Done)
+    }
+}
+
+async fn settle_with_retries<T, F, Fut>(mut f: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < SETTLE_ATTEMPTS => {
+                tracing::warn!(attempt, error = %e, "settling batch failed, retrying");
+                tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Stage for PushSender {
+    const NAME: &'static str = "push";
+
+    fn settings(shared: &Shared) -> &StageSettings {
+        &shared.settings.push
+    }
+
+    fn stream(subjects: &Subjects) -> String {
+        subjects.push_stream()
+    }
+
+    fn filter(subjects: &Subjects, campaign_id: i64) -> String {
+        subjects.push(campaign_id)
+    }
+
+    async fn handle(&self, d: Delivery) -> Outcome {
+        let batch: PushBatch = match decode(&d.payload) {
+            Ok(b) => b,
+            Err(e) => return Outcome::Reject { reason: format!("undecodable PushBatch: {e}") },
+        };
+        if batch.campaign_id != self.campaign.id
+            || batch.user_ids.is_empty()
+            || batch.user_ids.len() > MAX_BATCH_RECIPIENTS
+        {
+            return Outcome::Reject {
+                reason: format!(
+                    "invalid push batch: campaign {} with {} recipients",
+                    batch.campaign_id,
+                    batch.user_ids.len()
+                ),
+            };
+        }
+        match self.process(batch, &d).await {
+            Ok(outcome) => outcome,
+            Err(reason) => {
+                tracing::warn!(campaign_id = self.campaign.id, reason = %reason, "push batch failed");
+                Outcome::retry(reason)
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The sharder stage: turns a campaign's `CampaignCreated` into one `BucketTask` per
+//! `bucket_size` user ids between the audience's id bounds, published in batches of at most
+//! `publish_max_messages` messages and `publish_max_bytes` bytes, then records the bucket
+//! count. Re-sharding after a crash re-publishes the same message ids, which the server drops
+//! inside its dedupe window and the later stages skip after it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use herald_nats::{publish_all, Delivery, Outcome, Outgoing};
+use herald_schemas::{decode, encode, BucketTask, CampaignCreated, Subjects};
+
+use crate::{
+    context::{Shared, StageSettings},
+    stage::Stage,
+};
+
+/// Shards one campaign.
+pub struct Sharder {
+    shared: Arc<Shared>,
+    campaign_id: i64,
+}
+
+impl Sharder {
+    /// The sharder of `campaign_id`.
+    pub fn new(shared: Arc<Shared>, campaign_id: i64) -> Self {
+        Self {
+            shared,
+            campaign_id,
+        }
+    }
+
+    async fn shard(&self, created: CampaignCreated) -> Result<(), String> {
+        let store = &self.shared.store;
+        let Some(campaign) = store.campaign(created.campaign_id).await.map_err(db)? else {
+            return Err(format!("campaign {} not found", created.campaign_id));
+        };
+        if campaign.status.is_final() || campaign.buckets_total.is_some() {
+            return Ok(()); // a duplicate CampaignCreated: already sharded
+        }
+        store
+            .set_running(campaign.id, chrono::Utc::now())
+            .await
+            .map_err(db)?;
+        let settings = &self.shared.settings;
+        let buckets = match store.audience_bounds(&campaign.audience).await.map_err(db)? {
+            None => 0,
+            Some((lo, hi)) => {
+                let tasks = bucket_tasks(campaign.id, lo, hi, settings.bucket_size);
+                let n = tasks.len() as i64;
+                self.publish(tasks).await?;
+                n
+            }
+        };
+        store
+            .set_sharded(campaign.id, buckets, chrono::Utc::now())
+            .await
+            .map_err(db)?;
+        tracing::info!(campaign_id = campaign.id, buckets, "campaign sharded");
+        Ok(())
+    }
+
+    async fn publish(&self, tasks: Vec<BucketTask>) -> Result<(), String> {
+        let settings = &self.shared.settings;
+        let subject = self.shared.topology.subjects().bucket(self.campaign_id);
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(settings.publish_max_messages);
+        let mut bytes = 0;
+        for task in tasks {
+            let payload = encode(&task).map_err(|e| e.to_string())?;
+            if !batch.is_empty()
+                && (batch.len() >= settings.publish_max_messages
+                    || bytes + payload.len() > settings.publish_max_bytes)
+            {
+                publish_all(self.shared.topology.js(), &batch)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                batch.clear();
+                bytes = 0;
+            }
+            bytes += payload.len();
+            batch.push(Outgoing {
+                subject: subject.clone(),
+                msg_id: task.msg_id(),
+                payload: payload.into(),
+            });
+        }
+        if !batch.is_empty() {
+            publish_all(self.shared.topology.js(), &batch)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn db(e: sea_orm::DbErr) -> String {
+    format!("database: {e}")
+}
+
+/// The buckets covering ids `lo..=hi`, `size` ids each; exact, never past `hi`.
+pub fn bucket_tasks(campaign_id: i64, lo: i64, hi: i64, size: i64) -> Vec<BucketTask> {
+    let size = size.max(1);
+    let mut out = Vec::new();
+    let mut start = lo;
+    let mut bucket = 0;
+    while start <= hi {
+        let end = start.saturating_add(size).min(hi.saturating_add(1));
+        out.push(BucketTask::new(campaign_id, bucket, start, end));
+        bucket += 1;
+        start = end;
+    }
+    out
+}
+
+#[async_trait]
+impl Stage for Sharder {
+    const NAME: &'static str = "shard";
+
+    fn settings(shared: &Shared) -> &StageSettings {
+        &shared.settings.shard
+    }
+
+    fn stream(subjects: &Subjects) -> String {
+        subjects.campaigns_stream()
+    }
+
+    fn filter(subjects: &Subjects, campaign_id: i64) -> String {
+        subjects.campaign_created(campaign_id)
+    }
+
+    async fn handle(&self, d: Delivery) -> Outcome {
+        let created: CampaignCreated = match decode(&d.payload) {
+            Ok(c) => c,
+            Err(e) => return Outcome::Reject { reason: format!("undecodable CampaignCreated: {e}") },
+        };
+        if created.campaign_id != self.campaign_id {
+            return Outcome::Reject {
+                reason: format!("campaign id {} on the subject of {}", created.campaign_id, self.campaign_id),
+            };
+        }
+        match self.shard(created).await {
+            Ok(()) => Outcome::Done,
+            Err(reason) => {
+                tracing::warn!(campaign_id = self.campaign_id, reason = %reason, "sharding failed");
+                Outcome::retry(reason)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_tasks;
+
+    #[test]
+    fn buckets_cover_the_range_exactly() {
+        let t = bucket_tasks(1, 1, 2500, 1000);
+        let ranges: Vec<_> = t.iter().map(|b| (b.bucket, b.start_id, b.end_id)).collect();
+        assert_eq!(ranges, vec![(0, 1, 1001), (1, 1001, 2001), (2, 2001, 2501)]);
+        assert_eq!(bucket_tasks(1, 5, 5, 1000).len(), 1);
+        assert_eq!(bucket_tasks(1, 1, 1000, 1000).len(), 1);
+        assert_eq!(bucket_tasks(1, 1, 1001, 1000).len(), 2);
+    }
+}

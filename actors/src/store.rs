@@ -1,0 +1,537 @@
+//! The database side of the pipeline (sea-orm over PostgreSQL or SQLite): campaign rows,
+//! audience reads, per-bucket and per-batch completion records, failures. Every write the
+//! pipeline makes is idempotent (`ON CONFLICT DO NOTHING` or a guarded `UPDATE`), because any
+//! message may be handled twice.
+//!
+//! Statements use `$1, $2, ...` placeholders in ascending order, which both PostgreSQL and
+//! SQLite accept.
+
+use chrono::{DateTime, Utc};
+use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement, Value,
+};
+
+/// A campaign row, as the pipeline needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Campaign {
+    /// Id.
+    pub id: i64,
+    /// Kind (`promotion`).
+    pub kind: String,
+    /// Name.
+    pub name: String,
+    /// Channel.
+    pub inform_type: InformType,
+    /// Push title.
+    pub title: String,
+    /// Push body.
+    pub body: String,
+    /// Audience.
+    pub audience: Audience,
+    /// Lifecycle state.
+    pub status: CampaignState,
+    /// Buckets, once sharded.
+    pub buckets_total: Option<i64>,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct CampaignRow {
+    id: i64,
+    kind: String,
+    name: String,
+    inform_type: String,
+    title: String,
+    body: String,
+    audience: String,
+    status: String,
+    buckets_total: Option<i64>,
+}
+
+impl TryFrom<CampaignRow> for Campaign {
+    type Error = DbErr;
+
+    fn try_from(r: CampaignRow) -> Result<Self, DbErr> {
+        let bad = |what: &str| DbErr::Custom(format!("campaign {}: bad {what}", r.id));
+        Ok(Campaign {
+            id: r.id,
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+            inform_type: InformType::parse(&r.inform_type).ok_or_else(|| bad("inform_type"))?,
+            title: r.title.clone(),
+            body: r.body.clone(),
+            audience: serde_json::from_str(&r.audience).map_err(|_| bad("audience"))?,
+            status: CampaignState::parse(&r.status).ok_or_else(|| bad("status"))?,
+            buckets_total: r.buckets_total,
+        })
+    }
+}
+
+/// A new campaign row.
+#[derive(Debug, Clone)]
+pub struct NewCampaign {
+    /// Kind.
+    pub kind: String,
+    /// Name.
+    pub name: String,
+    /// Creator.
+    pub created_by: String,
+    /// Start of the promotion.
+    pub starts_at: DateTime<Utc>,
+    /// End of the promotion.
+    pub ends_at: DateTime<Utc>,
+    /// Channel.
+    pub inform_type: InformType,
+    /// Title.
+    pub title: String,
+    /// Body.
+    pub body: String,
+    /// Audience as JSON.
+    pub audience: Audience,
+    /// Dedupe key of the request.
+    pub dedupe_key: String,
+}
+
+/// Counters of a campaign, summed from its bucket and batch records.
+#[derive(Debug, Clone, Default, PartialEq, FromQueryResult)]
+pub struct Progress {
+    /// Buckets expanded.
+    pub buckets_done: i64,
+    /// Push batches the expanded buckets produced.
+    pub parts_total: i64,
+    /// Users in the expanded buckets.
+    pub recipients: i64,
+    /// Push batches finished.
+    pub batches_done: i64,
+    /// Pushes accepted by the provider.
+    pub sent: i64,
+    /// Users skipped as already done.
+    pub skipped: i64,
+    /// Users failed for good.
+    pub failed: i64,
+}
+
+/// Full campaign status for the API.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct StatusRow {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// State.
+    pub status: String,
+    /// Buckets, once sharded.
+    pub buckets_total: Option<i64>,
+    /// Final counters (set on completion).
+    pub recipients: i64,
+    /// Final counters (set on completion).
+    pub sent: i64,
+    /// Final counters (set on completion).
+    pub skipped: i64,
+    /// Final counters (set on completion).
+    pub failed: i64,
+    /// Error, if failed.
+    pub error: Option<String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Typed access to herald's tables.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> Statement {
+    Statement::from_sql_and_values(db.get_database_backend(), sql, values)
+}
+
+impl Store {
+    /// A store over `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// The connection.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Inserts a campaign (status `pending`) and returns its id.
+    pub async fn insert_campaign(&self, c: &NewCampaign, now: DateTime<Utc>) -> Result<i64, DbErr> {
+        let audience = serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
+        #[derive(FromQueryResult)]
+        struct Id {
+            id: i64,
+        }
+        let row = Id::find_by_statement(stmt(
+            &self.db,
+            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
+             body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, 0, 0, 0, 0, $11) RETURNING id",
+            vec![
+                c.kind.clone().into(),
+                c.name.clone().into(),
+                c.created_by.clone().into(),
+                c.starts_at.into(),
+                c.ends_at.into(),
+                c.inform_type.as_str().into(),
+                c.title.clone().into(),
+                c.body.clone().into(),
+                audience.into(),
+                c.dedupe_key.clone().into(),
+                now.into(),
+            ],
+        ))
+        .one(&self.db)
+        .await?
+        .ok_or_else(|| DbErr::Custom("insert returned no id".into()))?;
+        Ok(row.id)
+    }
+
+    /// The newest campaign created with `dedupe_key` at or after `since`.
+    pub async fn find_duplicate(
+        &self,
+        dedupe_key: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<i64>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Id {
+            id: i64,
+        }
+        Ok(Id::find_by_statement(stmt(
+            &self.db,
+            "SELECT id FROM campaign WHERE dedupe_key = $1 AND created_at >= $2 ORDER BY id DESC LIMIT 1",
+            vec![dedupe_key.into(), since.into()],
+        ))
+        .one(&self.db)
+        .await?
+        .map(|r| r.id))
+    }
+
+    /// Loads a campaign.
+    pub async fn campaign(&self, id: i64) -> Result<Option<Campaign>, DbErr> {
+        CampaignRow::find_by_statement(stmt(
+            &self.db,
+            "SELECT id, kind, name, inform_type, title, body, audience, status, buckets_total \
+             FROM campaign WHERE id = $1",
+            vec![id.into()],
+        ))
+        .one(&self.db)
+        .await?
+        .map(Campaign::try_from)
+        .transpose()
+    }
+
+    /// Ids of campaigns that are not final yet (pending or running).
+    pub async fn active_campaign_ids(&self) -> Result<Vec<i64>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Id {
+            id: i64,
+        }
+        Ok(Id::find_by_statement(stmt(
+            &self.db,
+            "SELECT id FROM campaign WHERE status IN ('pending', 'running') ORDER BY id",
+            vec![],
+        ))
+        .all(&self.db)
+        .await?
+        .into_iter()
+        .map(|r| r.id)
+        .collect())
+    }
+
+    /// The audience's id bounds `(min, max)`, or None when it is empty.
+    pub async fn audience_bounds(&self, audience: &Audience) -> Result<Option<(i64, i64)>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Bounds {
+            lo: Option<i64>,
+            hi: Option<i64>,
+        }
+        let (joins, conds, mut extra) = audience_sql(audience, 2);
+        let sql = format!(
+            "SELECT MIN(a.id) AS lo, MAX(a.id) AS hi FROM membership_account a{joins} \
+             WHERE a.is_deleted = $1{conds}"
+        );
+        let mut values = vec![false.into()];
+        values.append(&mut extra);
+        let b = Bounds::find_by_statement(stmt(&self.db, &sql, values))
+            .one(&self.db)
+            .await?;
+        Ok(b.and_then(|b| Some((b.lo?, b.hi?))))
+    }
+
+    /// Records the shard count and moves the campaign to `running` (first writer wins).
+    pub async fn set_sharded(&self, id: i64, buckets: i64, now: DateTime<Utc>) -> Result<(), DbErr> {
+        self.db
+            .execute(stmt(
+                &self.db,
+                "UPDATE campaign SET buckets_total = $1, status = 'running', \
+                 started_at = COALESCE(started_at, $2) \
+                 WHERE id = $3 AND buckets_total IS NULL AND status IN ('pending', 'running')",
+                vec![buckets.into(), now.into(), id.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a campaign running before sharding starts.
+    pub async fn set_running(&self, id: i64, now: DateTime<Utc>) -> Result<(), DbErr> {
+        self.db
+            .execute(stmt(
+                &self.db,
+                "UPDATE campaign SET status = 'running', started_at = COALESCE(started_at, $1) \
+                 WHERE id = $2 AND status = 'pending'",
+                vec![now.into(), id.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// User ids in `[start, end)` that belong to the audience, ascending.
+    pub async fn bucket_users(
+        &self,
+        audience: &Audience,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<i64>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Id {
+            id: i64,
+        }
+        let (joins, conds, mut extra) = audience_sql(audience, 4);
+        let sql = format!(
+            "SELECT a.id AS id FROM membership_account a{joins} \
+             WHERE a.id >= $1 AND a.id < $2 AND a.is_deleted = $3{conds} ORDER BY a.id"
+        );
+        let mut values = vec![start.into(), end.into(), false.into()];
+        values.append(&mut extra);
+        Ok(Id::find_by_statement(stmt(&self.db, &sql, values))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| r.id)
+            .collect())
+    }
+
+    /// Records that a bucket was expanded into `parts` push batches.
+    pub async fn record_bucket(
+        &self,
+        campaign_id: i64,
+        bucket: i64,
+        parts: i32,
+        recipients: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
+        self.db
+            .execute(stmt(
+                &self.db,
+                "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                vec![campaign_id.into(), bucket.into(), parts.into(), recipients.into(), now.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Records that a push batch is finished, with its counts.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_batch(
+        &self,
+        campaign_id: i64,
+        bucket: i64,
+        part: i32,
+        recipients: i32,
+        sent: i32,
+        skipped: i32,
+        failed: i32,
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
+        self.db
+            .execute(stmt(
+                &self.db,
+                "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
+                 failed, done_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                vec![
+                    campaign_id.into(),
+                    bucket.into(),
+                    part.into(),
+                    recipients.into(),
+                    sent.into(),
+                    skipped.into(),
+                    failed.into(),
+                    now.into(),
+                ],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Records users whose push failed for good, with the reason; one multi-row insert.
+    pub async fn record_failures(
+        &self,
+        campaign_id: i64,
+        failures: &[(i64, String)],
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let mut sql = String::from(
+            "INSERT INTO campaign_failure (campaign_id, user_id, reason, created_at) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(failures.len() * 4);
+        for (i, (user, reason)) in failures.iter().enumerate() {
+            let n = i * 4;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4));
+            values.extend([campaign_id.into(), (*user).into(), reason.clone().into(), now.into()]);
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING");
+        self.db.execute(stmt(&self.db, &sql, values)).await?;
+        Ok(())
+    }
+
+    /// Sums the bucket and batch records of a campaign.
+    pub async fn progress(&self, campaign_id: i64) -> Result<Progress, DbErr> {
+        #[derive(FromQueryResult)]
+        struct B {
+            buckets_done: i64,
+            parts_total: Option<i64>,
+            recipients: Option<i64>,
+        }
+        #[derive(FromQueryResult)]
+        struct P {
+            batches_done: i64,
+            sent: Option<i64>,
+            skipped: Option<i64>,
+            failed: Option<i64>,
+        }
+        let b = B::find_by_statement(stmt(
+            &self.db,
+            "SELECT COUNT(*) AS buckets_done, CAST(SUM(parts) AS BIGINT) AS parts_total, \
+             CAST(SUM(recipients) AS BIGINT) AS recipients FROM campaign_bucket WHERE campaign_id = $1",
+            vec![campaign_id.into()],
+        ))
+        .one(&self.db)
+        .await?;
+        let p = P::find_by_statement(stmt(
+            &self.db,
+            "SELECT COUNT(*) AS batches_done, CAST(SUM(sent) AS BIGINT) AS sent, \
+             CAST(SUM(skipped) AS BIGINT) AS skipped, CAST(SUM(failed) AS BIGINT) AS failed \
+             FROM campaign_batch WHERE campaign_id = $1",
+            vec![campaign_id.into()],
+        ))
+        .one(&self.db)
+        .await?;
+        let mut out = Progress::default();
+        if let Some(b) = b {
+            out.buckets_done = b.buckets_done;
+            out.parts_total = b.parts_total.unwrap_or(0);
+            out.recipients = b.recipients.unwrap_or(0);
+        }
+        if let Some(p) = p {
+            out.batches_done = p.batches_done;
+            out.sent = p.sent.unwrap_or(0);
+            out.skipped = p.skipped.unwrap_or(0);
+            out.failed = p.failed.unwrap_or(0);
+        }
+        Ok(out)
+    }
+
+    /// Moves a running campaign to a final state with its counters; true if this call did it.
+    pub async fn finish(
+        &self,
+        id: i64,
+        state: CampaignState,
+        progress: &Progress,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbErr> {
+        let r = self
+            .db
+            .execute(stmt(
+                &self.db,
+                "UPDATE campaign SET status = $1, recipients = $2, sent = $3, skipped = $4, \
+                 failed = $5, error = $6, finished_at = $7 \
+                 WHERE id = $8 AND status IN ('pending', 'running')",
+                vec![
+                    state.as_str().into(),
+                    progress.recipients.into(),
+                    progress.sent.into(),
+                    progress.skipped.into(),
+                    progress.failed.into(),
+                    error.map(str::to_string).into(),
+                    now.into(),
+                    id.into(),
+                ],
+            ))
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The status row of a campaign.
+    pub async fn status(&self, id: i64) -> Result<Option<StatusRow>, DbErr> {
+        StatusRow::find_by_statement(stmt(
+            &self.db,
+            "SELECT id, name, status, buckets_total, recipients, sent, skipped, failed, error, \
+             created_at, started_at, finished_at FROM campaign WHERE id = $1",
+            vec![id.into()],
+        ))
+        .one(&self.db)
+        .await
+    }
+
+    /// The database backend.
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+}
+
+/// Joins and extra conditions (each prefixed with ` AND `) selecting the audience, with
+/// placeholders numbered from `$first`.
+fn audience_sql(audience: &Audience, first: usize) -> (String, String, Vec<Value>) {
+    let Audience::Segment(SegmentFilter {
+        member_levels,
+        min_points,
+        min_active_days,
+    }) = audience
+    else {
+        return (String::new(), String::new(), vec![]);
+    };
+    let mut joins = String::new();
+    let mut conds = String::new();
+    let mut values: Vec<Value> = Vec::new();
+    let mut n = first;
+    if member_levels.is_some() || min_points.is_some() {
+        joins.push_str(" JOIN membership_point p ON p.account_id = a.id");
+    }
+    if min_active_days.is_some() {
+        joins.push_str(" JOIN membership_filter f ON f.account_id = a.id");
+    }
+    if let Some(levels) = member_levels {
+        let mut ph = Vec::with_capacity(levels.len());
+        for l in levels {
+            values.push((*l).into());
+            ph.push(format!("${n}"));
+            n += 1;
+        }
+        conds.push_str(&format!(" AND p.member_level IN ({})", ph.join(", ")));
+    }
+    if let Some(p) = min_points {
+        values.push((*p).into());
+        conds.push_str(&format!(" AND p.member_point >= ${n}"));
+        n += 1;
+    }
+    if let Some(d) = min_active_days {
+        values.push((*d).into());
+        conds.push_str(&format!(" AND f.active_days >= ${n}"));
+    }
+    (joins, conds, values)
+}

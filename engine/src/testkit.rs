@@ -1,0 +1,7 @@
+//! Test helpers that run real servers in-process, for integration tests, demos and the
+//! benchmark. [`WebhookSink`] is an HTTP endpoint for the webhook provider that counts what
+//! it received and injects failures.
+
+mod webhook_sink;
+
+pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};
