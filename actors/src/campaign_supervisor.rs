@@ -206,6 +206,11 @@ impl Actor for CampaignSupervisor {
             stopping: false,
         };
         Self::spawn_missing(&myself, &mut state).await;
+        if state.campaign.status == CampaignState::Pending {
+            // The API announces a new campaign; announce again in case that publish was lost.
+            let topo = &args.shared.topology;
+            crate::sharder::announce(topo.js(), topo.subjects(), state.campaign.id).await;
+        }
         let period = args.shared.settings.progress_interval;
         state.ticker = Some(myself.send_interval(period, || SupervisorMsg::Tick));
         tracing::info!(campaign_id = state.campaign.id, node = %args.shared.node_id, "campaign supervisor started");

@@ -93,6 +93,27 @@ impl Sharder {
     }
 }
 
+/// Publishes a campaign's `CampaignCreated` (message id `created:ID`, so repeats inside the
+/// dedupe window are dropped, and the sharder skips a campaign already sharded after it).
+/// A failure is logged: the campaign's supervisor announces a pending campaign again.
+pub async fn announce(js: &async_nats::jetstream::Context, subjects: &Subjects, id: i64) {
+    let payload = match encode(&CampaignCreated::new(id)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(campaign_id = id, error = %e, "encoding CampaignCreated failed");
+            return;
+        }
+    };
+    let out = Outgoing {
+        subject: subjects.campaign_created(id),
+        msg_id: format!("created:{id}"),
+        payload: payload.into(),
+    };
+    if let Err(e) = publish_all(js, &[out]).await {
+        tracing::warn!(campaign_id = id, error = %e, "announcing campaign failed; it will be retried");
+    }
+}
+
 fn db(e: sea_orm::DbErr) -> String {
     format!("database: {e}")
 }

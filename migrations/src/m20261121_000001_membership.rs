@@ -96,7 +96,9 @@ impl MigrationTrait for Migration {
         manager
             .drop_table(drop_table(MembershipFilter::Table))
             .await?;
-        manager.drop_table(drop_table(MembershipPoint::Table)).await?;
+        manager
+            .drop_table(drop_table(MembershipPoint::Table))
+            .await?;
         manager
             .drop_table(drop_table(MembershipAccount::Table))
             .await

@@ -45,7 +45,9 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(
                         SalesPromotionCoupon::ActivityStartTime,
                     ))
-                    .col(timestamp_with_time_zone(SalesPromotionCoupon::ActivityEndTime))
+                    .col(timestamp_with_time_zone(
+                        SalesPromotionCoupon::ActivityEndTime,
+                    ))
                     // Stock limit; NULL means unlimited.
                     .col(big_integer_null(SalesPromotionCoupon::CouponCount))
                     .col(big_integer(SalesPromotionCoupon::CouponReceivedCount).default(0))
@@ -77,8 +79,12 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(
                         SalesPromotionCouponItem::EffectiveEndTime,
                     ))
-                    .col(timestamp_with_time_zone(SalesPromotionCouponItem::CreatedAt))
-                    .col(timestamp_with_time_zone(SalesPromotionCouponItem::UpdatedAt))
+                    .col(timestamp_with_time_zone(
+                        SalesPromotionCouponItem::CreatedAt,
+                    ))
+                    .col(timestamp_with_time_zone(
+                        SalesPromotionCouponItem::UpdatedAt,
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -146,7 +152,9 @@ impl MigrationTrait for Migration {
         manager
             .drop_table(drop_table(PushMessageCrontab::Table))
             .await?;
-        manager.drop_table(drop_table(HotGoodsCrontab::Table)).await?;
+        manager
+            .drop_table(drop_table(HotGoodsCrontab::Table))
+            .await?;
         manager
             .drop_table(drop_table(SalesPromotionCouponItem::Table))
             .await?;

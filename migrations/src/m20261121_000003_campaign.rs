@@ -122,9 +122,13 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(drop_table(CampaignFailure::Table)).await?;
+        manager
+            .drop_table(drop_table(CampaignFailure::Table))
+            .await?;
         manager.drop_table(drop_table(CampaignBatch::Table)).await?;
-        manager.drop_table(drop_table(CampaignBucket::Table)).await?;
+        manager
+            .drop_table(drop_table(CampaignBucket::Table))
+            .await?;
         manager.drop_table(drop_table(Campaign::Table)).await
     }
 }

@@ -9,9 +9,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use herald_migrations::Migrator;
-use sea_orm::{
-    ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr, Statement,
-};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr, Statement};
 use sea_orm_migration::MigratorTrait;
 
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -342,22 +340,33 @@ async fn assert_columns(db: &DatabaseConnection) {
     }
 }
 
-/// Asserts `result` failed on the unique index `index`.
-fn assert_unique_violation<T: std::fmt::Debug>(result: Result<T, DbErr>, index: &str) {
+/// Asserts `result` failed on the unique index `index` over `columns` of `table`.
+fn assert_unique_violation<T: std::fmt::Debug>(
+    backend: DbBackend,
+    result: Result<T, DbErr>,
+    index: &str,
+    table: &str,
+    columns: &[&str],
+) {
     let err = result.expect_err("duplicate insert must fail");
-    match err.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(message)) => {
-            // PostgreSQL names the index; SQLite names its columns instead.
-            if message.contains("duplicate key") {
-                assert!(message.contains(index), "{message}");
-            }
-        }
-        other => panic!("expected a unique violation on {index}, got {other:?} from {err}"),
-    }
+    let Some(SqlErr::UniqueConstraintViolation(message)) = err.sql_err() else {
+        panic!("expected a unique violation on {index}, got {err}");
+    };
+    // PostgreSQL names the index; SQLite lists the indexed columns instead.
+    let expected = match backend {
+        DbBackend::Postgres => format!("\"{index}\""),
+        _ => columns
+            .iter()
+            .map(|column| format!("{table}.{column}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    assert!(message.contains(&expected), "{message}");
 }
 
 /// Inserts into the tables whose defaults and unique indexes other crates depend on.
 async fn assert_defaults_and_uniques(db: &DatabaseConnection) {
+    let backend = db.get_database_backend();
     db.execute_unprepared(&format!(
         "INSERT INTO membership_account (username, created_at, updated_at) VALUES ('ann', {T}, {T})"
     ))
@@ -365,7 +374,7 @@ async fn assert_defaults_and_uniques(db: &DatabaseConnection) {
     .expect("insert account");
     let row = db
         .query_one(Statement::from_string(
-            db.get_database_backend(),
+            backend,
             "SELECT id, is_deleted FROM membership_account",
         ))
         .await
@@ -383,7 +392,7 @@ async fn assert_defaults_and_uniques(db: &DatabaseConnection) {
     .expect("insert campaign");
     let row = db
         .query_one(Statement::from_string(
-            db.get_database_backend(),
+            backend,
             "SELECT recipients + sent + skipped + failed AS total, buckets_total FROM campaign",
         ))
         .await
@@ -391,7 +400,8 @@ async fn assert_defaults_and_uniques(db: &DatabaseConnection) {
         .expect("one campaign");
     assert_eq!(row.try_get::<i64>("", "total").expect("total"), 0);
     assert_eq!(
-        row.try_get::<Option<i64>>("", "buckets_total").expect("buckets_total"),
+        row.try_get::<Option<i64>>("", "buckets_total")
+            .expect("buckets_total"),
         None
     );
 
@@ -405,16 +415,22 @@ async fn assert_defaults_and_uniques(db: &DatabaseConnection) {
         .await
         .expect("another coupon, same user");
     assert_unique_violation(
+        backend,
         db.execute_unprepared(&coupon_item_insert(7, 42)).await,
         "ux_coupon_item_coupon_user",
+        "sales_promotion_coupon_item",
+        &["coupon_id", "user_account_id"],
     );
 
     db.execute_unprepared(&campaign_failure_insert(1, 42))
         .await
         .expect("first failure");
     assert_unique_violation(
+        backend,
         db.execute_unprepared(&campaign_failure_insert(1, 42)).await,
         "ux_campaign_failure_user",
+        "campaign_failure",
+        &["campaign_id", "user_id"],
     );
 
     db.execute_unprepared(&format!(
@@ -485,11 +501,16 @@ fn with_database_replaces_only_the_path() {
         with_database("postgres://u:p@h/db?sslmode=disable", "x"),
         "postgres://u:p@h/x?sslmode=disable"
     );
-    assert_eq!(with_database("postgres://h:5432", "x"), "postgres://h:5432/x");
+    assert_eq!(
+        with_database("postgres://h:5432", "x"),
+        "postgres://h:5432/x"
+    );
 }
 
 async fn postgres_body(url: String) {
-    let db = Database::connect(&url).await.expect("connect to test database");
+    let db = Database::connect(&url)
+        .await
+        .expect("connect to test database");
 
     Migrator::up(&db, None).await.expect("migrate up");
     assert_eq!(tables(&db).await, expected_tables());
@@ -527,7 +548,9 @@ async fn postgres_up_down() {
     let outcome = tokio::spawn(postgres_body(with_database(&admin_url, &database))).await;
 
     admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
+        .execute_unprepared(&format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        ))
         .await
         .expect("drop test database");
     admin.close().await.expect("close admin connection");

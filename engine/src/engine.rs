@@ -1,0 +1,240 @@
+//! The embeddable engine: [`Engine::start`] connects to NATS, Redis and the database,
+//! migrates, creates the streams, and runs the actor tree and the API service on this node.
+//! [`Engine::shutdown`] stops pulling new work, lets in-flight work finish and settle, and
+//! closes the connections.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use herald_actors::{
+    markers::{self, Markers},
+    provider::{Provider, Providers},
+    store::Store,
+    EngineRoot, RootMsg, Shared,
+};
+use herald_migrations::Migrator;
+use herald_nats::{StreamSettings, Topology};
+use herald_schemas::{InformType, Subjects};
+use ractor::{Actor, ActorRef};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm_migration::MigratorTrait;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{api::ApiService, config::Config};
+
+/// A running herald node.
+pub struct Engine {
+    shared: Arc<Shared>,
+    root: ActorRef<RootMsg>,
+    root_handle: JoinHandle<()>,
+    api: Option<JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+/// Builds an [`Engine`] from a [`Config`], with providers from the config unless set here.
+pub struct EngineBuilder {
+    config: Config,
+    providers: Vec<(InformType, Arc<dyn Provider>)>,
+}
+
+impl EngineBuilder {
+    /// Uses `provider` for `inform_type` instead of the configured one.
+    pub fn provider(mut self, inform_type: InformType, provider: Arc<dyn Provider>) -> Self {
+        self.providers.push((inform_type, provider));
+        self
+    }
+
+    /// Uses `provider` for every inform type.
+    pub fn provider_for_all(mut self, provider: Arc<dyn Provider>) -> Self {
+        for t in InformType::ALL {
+            self.providers.push((t, provider.clone()));
+        }
+        self
+    }
+
+    /// Connects and starts the node.
+    pub async fn start(self) -> anyhow::Result<Engine> {
+        Engine::start_with(self.config, self.providers).await
+    }
+}
+
+/// Connects to the database (SQLite in WAL mode, so readers do not block the writer).
+pub async fn connect_db(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let file = path.split('?').next().unwrap_or_default();
+        if let Some(dir) = std::path::Path::new(file).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+        }
+    }
+    let mut opts = ConnectOptions::new(url.to_string());
+    opts.max_connections(max_connections)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false);
+    let db = Database::connect(opts)
+        .await
+        .with_context(|| format!("connecting to database {}", redact(url)))?;
+    if db.get_database_backend() == DbBackend::Sqlite {
+        db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+            .await?;
+    }
+    Ok(db)
+}
+
+/// Applies pending migrations.
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+    Migrator::up(db, None).await.context("applying migrations")
+}
+
+/// Connects to NATS.
+pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(a)) if a > s => format!("{}://***{}", &url[..s], &url[a..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Engine {
+    /// A builder for a node with `config`.
+    pub fn builder(config: Config) -> EngineBuilder {
+        EngineBuilder {
+            config,
+            providers: Vec::new(),
+        }
+    }
+
+    /// Starts a node with the configured providers.
+    pub async fn start(config: Config) -> anyhow::Result<Engine> {
+        Self::builder(config).start().await
+    }
+
+    async fn start_with(
+        config: Config,
+        overrides: Vec<(InformType, Arc<dyn Provider>)>,
+    ) -> anyhow::Result<Engine> {
+        config.validate()?;
+        let node_id = if config.node.id.is_empty() {
+            format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into()),
+                std::process::id()
+            )
+        } else {
+            config.node.id.clone()
+        };
+        let mut providers = Providers::new();
+        for t in InformType::ALL {
+            providers.insert(t, config.providers.get(t).build()?);
+        }
+        for (t, p) in overrides {
+            providers.insert(t, p);
+        }
+        let db = connect_db(&config.database.url, config.database.max_connections).await?;
+        if config.database.migrate_on_start {
+            migrate(&db).await?;
+        }
+        let redis = markers::connect(
+            &config.redis.url,
+            Duration::from_millis(config.redis.command_timeout_ms),
+        )
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redact(&config.redis.url)))?;
+        let nats = connect_nats(&config.nats.url, &format!("herald {node_id}")).await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let subjects = Subjects::new(config.nats.prefix.clone());
+        let topology = Topology::new(
+            js.clone(),
+            subjects.clone(),
+            StreamSettings {
+                max_age: Duration::from_secs(config.nats.stream_max_age_secs),
+                max_bytes: config.nats.stream_max_bytes,
+                duplicate_window: Duration::from_secs(config.nats.duplicate_window_secs),
+                memory: config.nats.memory_streams,
+            },
+        );
+        topology.ensure_streams().await?;
+        let settings = config.pipeline.to_settings();
+        let store = Store::new(db);
+        let markers = Markers::new(
+            redis.clone(),
+            &subjects.redis_prefix(),
+            settings.claim_ttl,
+            settings.marker_ttl,
+        );
+        let shared = Shared::new(
+            node_id.clone(),
+            nats.clone(),
+            topology,
+            store.clone(),
+            markers,
+            providers,
+            settings,
+        );
+        let stop = CancellationToken::new();
+        let api = if config.api.enabled {
+            let service = ApiService {
+                nats: nats.clone(),
+                js,
+                subjects,
+                store,
+                redis,
+                dedupe_window: Duration::from_secs(config.api.dedupe_window_secs),
+                max_in_flight: config.api.max_in_flight,
+            };
+            Some(service.spawn(stop.clone()).await?)
+        } else {
+            None
+        };
+        let (root, root_handle) = Actor::spawn(None, EngineRoot, shared.clone())
+            .await
+            .context("starting the engine root actor")?;
+        tracing::info!(node = %node_id, "herald node started");
+        Ok(Engine {
+            shared,
+            root,
+            root_handle,
+            api,
+            stop,
+        })
+    }
+
+    /// Node state shared by the actors.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Ids of the campaigns this node is running.
+    pub async fn running_campaigns(&self) -> anyhow::Result<Vec<i64>> {
+        Ok(ractor::call_t!(self.root, RootMsg::Running, 5000)?)
+    }
+
+    /// Stops pulling new work, lets in-flight work settle, stops the API, flushes NATS.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let drain = self.shared.settings.push.ack_wait * 4;
+        self.root.stop(Some("shutdown".into()));
+        if tokio::time::timeout(drain, self.root_handle).await.is_err() {
+            tracing::warn!("actors did not stop in time");
+        }
+        if let Some(api) = self.api {
+            let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
+        }
+        let _ = self.shared.nats.flush().await;
+        tracing::info!(node = %self.shared.node_id, "herald node stopped");
+        Ok(())
+    }
+}
