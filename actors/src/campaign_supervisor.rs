@@ -53,6 +53,7 @@ pub struct SupervisorState {
     missing: Vec<Child>,
     ticker: Option<JoinHandle<()>>,
     stopping: bool,
+    delete_consumers: bool,
 }
 
 impl CampaignSupervisor {
@@ -120,7 +121,8 @@ impl CampaignSupervisor {
             .await?;
         if won {
             tracing::info!(campaign_id = id, recipients = p.recipients, sent = p.sent, skipped = p.skipped, failed = p.failed, "campaign completed");
-            Self::delete_consumers(state).await;
+            // Deleted once the children have stopped pulling from them (post_stop).
+            state.delete_consumers = true;
         }
         myself.stop(Some("campaign completed".into()));
         Ok(())
@@ -204,6 +206,7 @@ impl Actor for CampaignSupervisor {
             missing: vec![Child::Sender, Child::Expander, Child::Sharder],
             ticker: None,
             stopping: false,
+            delete_consumers: false,
         };
         Self::spawn_missing(&myself, &mut state).await;
         if state.campaign.status == CampaignState::Pending {
@@ -282,6 +285,9 @@ impl Actor for CampaignSupervisor {
         myself
             .stop_children_and_wait(Some("supervisor stopping".into()), Some(state.shared.settings.push.ack_wait * 2))
             .await;
+        if state.delete_consumers {
+            Self::delete_consumers(state).await;
+        }
         Ok(())
     }
 }

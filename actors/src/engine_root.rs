@@ -72,6 +72,7 @@ impl Actor for EngineRoot {
     ) -> Result<RootState, ActorProcessingErr> {
         let subject = shared.topology.subjects().campaign_created_all();
         let mut sub = shared.nats.subscribe(subject).await?;
+        shared.nats.flush().await?;
         let me = myself.clone();
         let listener = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {

@@ -60,6 +60,8 @@ impl ApiService {
             .nats
             .queue_subscribe(self.subjects.api_campaign_status(), group)
             .await?;
+        // Make sure the server has the subscriptions before callers are told we are up.
+        self.nats.flush().await?;
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.max_in_flight.max(1)));
         Ok(tokio::spawn(async move {

@@ -91,7 +91,7 @@ impl ProviderConfig {
         match self {
             Self::Log {} => Ok(()),
             Self::Simulated { .. } => self.simulated_config().map(|_| ()),
-            Self::Webhook { .. } => webhook::validate(&self.webhook_config()).map(|_| ()),
+            Self::Webhook { .. } => self.webhook_config().map(|_| ()),
         }
     }
 
@@ -110,9 +110,10 @@ impl ProviderConfig {
                 let ledger = provider.ledger();
                 Ok((Arc::new(provider), Some(ledger)))
             }
-            Self::Webhook { .. } => {
-                Ok((Arc::new(WebhookProvider::new(self.webhook_config())?), None))
-            }
+            Self::Webhook { .. } => Ok((
+                Arc::new(WebhookProvider::new(self.webhook_config()?)?),
+                None,
+            )),
         }
     }
 
@@ -134,19 +135,22 @@ impl ProviderConfig {
         Ok(config)
     }
 
-    fn webhook_config(&self) -> WebhookConfig {
-        match self {
-            Self::Webhook {
-                url,
-                timeout_ms,
-                max_connections,
-            } => WebhookConfig {
-                url: url.clone(),
-                timeout_ms: *timeout_ms,
-                max_connections: *max_connections,
-            },
-            _ => WebhookConfig::new(""),
-        }
+    fn webhook_config(&self) -> anyhow::Result<WebhookConfig> {
+        let Self::Webhook {
+            url,
+            timeout_ms,
+            max_connections,
+        } = self
+        else {
+            anyhow::bail!("provider kind is {}, not webhook", self.kind());
+        };
+        let config = WebhookConfig {
+            url: url.clone(),
+            timeout_ms: *timeout_ms,
+            max_connections: *max_connections,
+        };
+        webhook::validate(&config)?;
+        Ok(config)
     }
 }
 

@@ -2,6 +2,8 @@
 //! benchmark. [`WebhookSink`] is an HTTP endpoint for the webhook provider that counts what
 //! it received and injects failures.
 
+mod env;
 mod webhook_sink;
 
+pub use env::{pg_admin_url, wait_until, TestEnv};
 pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};

@@ -1,0 +1,221 @@
+//! An isolated herald environment on the real servers, for integration tests and the
+//! benchmark: its own subject/stream prefix, Redis key prefix and PostgreSQL database, torn
+//! down by [`TestEnv::cleanup`].
+
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use fred::interfaces::{ClientLike, KeysInterface};
+use herald_schemas::{
+    CampaignState, CampaignStatusReply, CampaignStatusRequest, CreateCampaignReply,
+    CreateCampaignRequest, Encoding, Subjects,
+};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+
+use crate::{api, config::Config, engine::connect_db, engine::migrate, seed};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The admin URL of the test PostgreSQL server (`HERALD_TEST_PG_URL` overrides).
+pub fn pg_admin_url() -> String {
+    std::env::var("HERALD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// One isolated environment.
+pub struct TestEnv {
+    /// Subject, stream and Redis key prefix.
+    pub prefix: String,
+    /// A config pointing at the environment (PostgreSQL, fast timings for tests).
+    pub config: Config,
+    /// The environment's database.
+    pub db: DatabaseConnection,
+    /// A NATS client, as an outside API user would have.
+    pub nats: async_nats::Client,
+    db_name: String,
+}
+
+impl TestEnv {
+    /// Creates the database (migrated), and a config with a unique prefix.
+    pub async fn new(name: &str) -> anyhow::Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos();
+        let prefix = format!("t{}{}{}", std::process::id(), n, nanos % 100_000);
+        let db_name = format!("herald_{name}_{prefix}").to_ascii_lowercase();
+        let admin_url = pg_admin_url();
+        let admin = Database::connect(&admin_url)
+            .await
+            .with_context(|| format!("connecting to {admin_url}"))?;
+        admin
+            .execute(Statement::from_string(
+                admin.get_database_backend(),
+                format!("CREATE DATABASE \"{db_name}\""),
+            ))
+            .await?;
+        admin.close().await?;
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
+        let mut config = Config::default();
+        config.nats.prefix = prefix.clone();
+        config.database.url = format!("{base}/{db_name}");
+        config.database.max_connections = 10;
+        config.pipeline.progress_interval_ms = 200;
+        config.pipeline.push.ack_wait_secs = 5;
+        config.pipeline.expand.ack_wait_secs = 5;
+        config.pipeline.shard.ack_wait_secs = 5;
+        config.pipeline.push.retry_base_ms = 200;
+        config.pipeline.push.retry_max_ms = 2000;
+        config.pipeline.claim_ttl_secs = 10;
+        let db = connect_db(&config.database.url, 4).await?;
+        migrate(&db).await?;
+        let nats = crate::engine::connect_nats(&config.nats.url, "herald test client").await?;
+        Ok(Self {
+            prefix,
+            config,
+            db,
+            nats,
+            db_name,
+        })
+    }
+
+    /// Subject names of the environment.
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(self.prefix.clone())
+    }
+
+    /// Adds `count` users.
+    pub async fn seed(&self, count: i64) -> anyhow::Result<()> {
+        seed::seed_users(&self.db, count).await?;
+        Ok(())
+    }
+
+    /// Sends a create request (JSON) and returns the reply.
+    pub async fn create(
+        &self,
+        req: &CreateCampaignRequest,
+    ) -> anyhow::Result<Result<CreateCampaignReply, herald_schemas::ApiError>> {
+        api::request(
+            &self.nats,
+            self.subjects().api_campaign_create(),
+            Encoding::Json,
+            req,
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Sends a status request.
+    pub async fn status(
+        &self,
+        campaign_id: i64,
+    ) -> anyhow::Result<Result<CampaignStatusReply, herald_schemas::ApiError>> {
+        api::request(
+            &self.nats,
+            self.subjects().api_campaign_status(),
+            Encoding::Json,
+            &CampaignStatusRequest { campaign_id },
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Polls the status until the campaign is final or `timeout` passes.
+    pub async fn wait_final(
+        &self,
+        campaign_id: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<CampaignStatusReply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self
+                .status(campaign_id)
+                .await?
+                .map_err(|e| anyhow::anyhow!("status: {}", e.message))?;
+            if s.status.is_final() {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("campaign {campaign_id} not final after {timeout:?}: {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls the status until it says completed; fails on another final state.
+    pub async fn wait_completed(
+        &self,
+        campaign_id: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<CampaignStatusReply> {
+        let s = self.wait_final(campaign_id, timeout).await?;
+        anyhow::ensure!(s.status == CampaignState::Completed, "campaign ended {s:?}");
+        Ok(s)
+    }
+
+    /// Deletes the environment's streams, Redis keys and database.
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let s = self.subjects();
+        for stream in [
+            s.campaigns_stream(),
+            s.buckets_stream(),
+            s.push_stream(),
+            s.dead_letter_stream(),
+        ] {
+            let _ = js.delete_stream(&stream).await;
+        }
+        if let Ok(redis) =
+            herald_actors::markers::connect(&self.config.redis.url, Duration::from_secs(5)).await
+        {
+            let mut cursor = "0".to_string();
+            loop {
+                let (next, keys): (String, Vec<String>) = redis
+                    .custom(
+                        fred::cmd!("SCAN"),
+                        vec![cursor.clone(), "MATCH".into(), format!("{}:*", self.prefix), "COUNT".into(), "1000".into()],
+                    )
+                    .await?;
+                if !keys.is_empty() {
+                    let _: i64 = redis.del(keys).await?;
+                }
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+            let _ = redis.quit().await;
+        }
+        self.db.close().await?;
+        let admin = Database::connect(&pg_admin_url()).await?;
+        admin
+            .execute(Statement::from_string(
+                admin.get_database_backend(),
+                format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name),
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,288 @@
+//! End-to-end tests of a promotion push against the real NATS, Redis and PostgreSQL: every
+//! user gets exactly one push, through retries, duplicates, poison messages and a restart.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use chrono::{TimeZone, Utc};
+use herald_engine::{
+    providers::{ProviderConfig, SimulatedConfig, SimulatedProvider},
+    schemas::{
+        decode, Audience, CampaignKind, CampaignState, CreateCampaignRequest, DeadLetter,
+        InformType,
+    },
+    testkit::{wait_until, SinkConfig, TestEnv, WebhookSink},
+    Engine,
+};
+use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
+
+fn promo(name: &str) -> CreateCampaignRequest {
+    CreateCampaignRequest {
+        kind: CampaignKind::Promotion,
+        name: name.into(),
+        created_by: "ops-7".into(),
+        starts_at: Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap(),
+        ends_at: Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
+        inform_type: InformType::App,
+        title: "Double 11 is on".into(),
+        body: "Open the app for your deal".into(),
+        audience: Audience::All,
+    }
+}
+
+fn simulated(latency_ms: u64) -> Arc<SimulatedProvider> {
+    Arc::new(SimulatedProvider::new(SimulatedConfig {
+        latency_ms,
+        failure_rate: 0.0,
+        permanent_failure_rate: 0.0,
+    }))
+}
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_users_get_exactly_one_push_each() {
+    let env = TestEnv::new("tenk").await.unwrap();
+    env.seed(10_000).await.unwrap();
+    let provider = simulated(1);
+    let ledger = provider.ledger();
+    let engine = Engine::builder(env.config.clone())
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+
+    let reply = env.create(&promo("Double 11")).await.unwrap().unwrap();
+    assert!(reply.ok && !reply.duplicate);
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+
+    assert_eq!(ledger.total(), 10_000, "pushes received");
+    assert_eq!(ledger.distinct(), 10_000);
+    assert_eq!(ledger.duplicates(), 0);
+    assert!(ledger.missing(reply.campaign_id, 1..=10_000).is_empty());
+    assert_eq!((s.buckets_total, s.buckets_done), (10, 10));
+    assert_eq!((s.recipients, s.sent, s.skipped, s.failed), (10_000, 10_000, 0, 0));
+    assert!(s.started_at.is_some() && s.finished_at.is_some());
+    engine.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_delivers_exactly_once_through_429_and_503() {
+    let env = TestEnv::new("flaky").await.unwrap();
+    env.seed(5_000).await.unwrap();
+    let sink = WebhookSink::start(SinkConfig {
+        fail_503_rate: 0.15,
+        fail_429_rate: 0.10,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut config = env.config.clone();
+    config.providers.app = ProviderConfig::Webhook {
+        url: sink.url(),
+        timeout_ms: 2000,
+        max_connections: 64,
+    };
+    let engine = Engine::start(config).await.unwrap();
+
+    let reply = env.create(&promo("flaky gateway")).await.unwrap().unwrap();
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+
+    assert!(sink.failures_503() > 0 && sink.failures_429() > 0, "failures were injected");
+    assert_eq!(sink.delivered_total(), 5_000, "successful pushes");
+    assert_eq!(sink.duplicates(), 0);
+    assert!(sink.missing(reply.campaign_id, 1..=5_000).is_empty());
+    assert_eq!((s.recipients, s.sent, s.skipped, s.failed), (5_000, 5_000, 0, 0));
+    engine.shutdown().await.unwrap();
+    sink.shutdown().await;
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_4xx_is_recorded_as_failed_and_not_retried() {
+    let env = TestEnv::new("perm").await.unwrap();
+    env.seed(1_000).await.unwrap();
+    let rejected: HashSet<i64> = [5, 17, 999].into_iter().collect();
+    let sink = WebhookSink::start(SinkConfig {
+        reject_user_ids: rejected.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut config = env.config.clone();
+    config.providers.app = ProviderConfig::Webhook {
+        url: sink.url(),
+        timeout_ms: 2000,
+        max_connections: 64,
+    };
+    let engine = Engine::start(config).await.unwrap();
+
+    let reply = env.create(&promo("some rejected")).await.unwrap().unwrap();
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+
+    assert_eq!((s.recipients, s.sent, s.failed), (1_000, 997, 3));
+    assert_eq!(sink.rejected(), 3, "each rejected user was tried once, not retried");
+    assert_eq!(sink.delivered_total(), 997);
+    #[derive(FromQueryResult)]
+    struct Failure {
+        user_id: i64,
+        reason: String,
+    }
+    let rows = Failure::find_by_statement(Statement::from_string(
+        env.db.get_database_backend(),
+        format!("SELECT user_id, reason FROM campaign_failure WHERE campaign_id = {} ORDER BY user_id", reply.campaign_id),
+    ))
+    .all(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(rows.iter().map(|r| r.user_id).collect::<Vec<_>>(), vec![5, 17, 999]);
+    assert!(rows.iter().all(|r| r.reason.contains("400")), "reason names the status");
+    engine.shutdown().await.unwrap();
+    sink.shutdown().await;
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_request_sends_nothing_more() {
+    let env = TestEnv::new("dup").await.unwrap();
+    env.seed(2_000).await.unwrap();
+    let provider = simulated(0);
+    let ledger = provider.ledger();
+    let engine = Engine::builder(env.config.clone())
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+
+    let req = promo("once only");
+    let first = env.create(&req).await.unwrap().unwrap();
+    env.wait_completed(first.campaign_id, LONG).await.unwrap();
+    assert_eq!(ledger.total(), 2_000);
+
+    let mut again = req.clone();
+    again.title = "a different title does not make it new".into();
+    let second = env.create(&again).await.unwrap().unwrap();
+    assert_eq!(second.campaign_id, first.campaign_id);
+    assert!(second.duplicate);
+    // The same request as MessagePack is the same campaign too.
+    let third: herald_engine::schemas::CreateCampaignReply = herald_engine::api::request(
+        &env.nats,
+        env.subjects().api_campaign_create(),
+        herald_engine::schemas::Encoding::MsgPack,
+        &req,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((third.campaign_id, third.duplicate), (first.campaign_id, true));
+
+    // Re-announcing the campaign (a duplicate CampaignCreated) sends nothing either.
+    herald_actors::sharder::announce(
+        &async_nats::jetstream::new(env.nats.clone()),
+        &env.subjects(),
+        first.campaign_id,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ledger.total(), 2_000, "nothing more was sent");
+    assert_eq!(ledger.duplicates(), 0);
+    engine.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_and_do_not_block() {
+    let env = TestEnv::new("poison").await.unwrap();
+    env.seed(3_000).await.unwrap();
+    let provider = simulated(0);
+    let ledger = provider.ledger();
+    let engine = Engine::builder(env.config.clone())
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(env.nats.clone());
+    let subjects = env.subjects();
+
+    let reply = env.create(&promo("poisoned")).await.unwrap().unwrap();
+    let id = reply.campaign_id;
+    // Garbage on the push and bucket subjects of the running campaign.
+    js.publish(subjects.push(id), "not msgpack".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    js.publish(subjects.bucket(id), vec![0xc1u8, 0x00].into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let s = env.wait_completed(id, LONG).await.unwrap();
+    assert_eq!(s.sent, 3_000);
+    assert_eq!(ledger.total(), 3_000);
+
+    let mut dl = js.get_stream(subjects.dead_letter_stream()).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let mut dl = dl.clone();
+            async move { dl.info().await.map(|i| i.state.messages).unwrap_or(0) >= 2 }
+        })
+        .await
+    );
+    assert_eq!(dl.info().await.unwrap().state.messages, 2);
+    let mut reasons = Vec::new();
+    for seq in 1..=2 {
+        let m = dl.get_raw_message(seq).await.unwrap();
+        let letter: DeadLetter = decode(&m.payload).unwrap();
+        reasons.push(letter.reason.clone());
+        assert!(!letter.payload.is_empty(), "the original payload is kept");
+    }
+    reasons.sort();
+    assert!(reasons[0].starts_with("undecodable BucketTask"), "{reasons:?}");
+    assert!(reasons[1].starts_with("undecodable PushBatch"), "{reasons:?}");
+    engine.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
+    let env = TestEnv::new("restart").await.unwrap();
+    env.seed(10_000).await.unwrap();
+    // One provider (one ledger) for both runs of the node, as one real gateway would be.
+    let provider = simulated(20);
+    let ledger = provider.ledger();
+    let mut config = env.config.clone();
+    config.pipeline.push.concurrency = 8;
+    let first = Engine::builder(config.clone())
+        .provider_for_all(provider.clone())
+        .start()
+        .await
+        .unwrap();
+
+    let reply = env.create(&promo("interrupted")).await.unwrap().unwrap();
+    assert!(
+        wait_until(LONG, || async { ledger.total() >= 2_000 }).await,
+        "the campaign got going"
+    );
+    first.shutdown().await.unwrap();
+    let at_stop = ledger.total();
+    assert!(at_stop < 10_000, "stopped mid-campaign (at {at_stop})");
+    let store = herald_actors::store::Store::new(env.db.clone());
+    let row = store.status(reply.campaign_id).await.unwrap().unwrap();
+    assert_eq!(row.status, CampaignState::Running.as_str());
+
+    let second = Engine::builder(config)
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+    assert_eq!(ledger.duplicates(), 0, "no user got two pushes");
+    assert_eq!(ledger.total(), 10_000);
+    assert_eq!(s.sent + s.skipped, 10_000);
+    assert_eq!(s.sent, 10_000, "sent counts each user once across both runs");
+    second.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
