@@ -72,7 +72,7 @@ impl Actor for EngineRoot {
     ) -> Result<RootState, ActorProcessingErr> {
         let subject = shared.topology.subjects().campaign_created_all();
         let mut sub = shared.nats.subscribe(subject).await?;
-        shared.nats.flush().await?;
+        herald_nats::sync_with_server(&shared.nats).await;
         let me = myself.clone();
         let listener = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {

@@ -61,7 +61,7 @@ impl ApiService {
             .queue_subscribe(self.subjects.api_campaign_status(), group)
             .await?;
         // Make sure the server has the subscriptions before callers are told we are up.
-        self.nats.flush().await?;
+        herald_nats::sync_with_server(&self.nats).await;
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.max_in_flight.max(1)));
         Ok(tokio::spawn(async move {

@@ -96,6 +96,12 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
     async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::debug!("nats connected"),
+                other => tracing::warn!(event = %other, "nats connection event"),
+            }
+        })
         .connect(url)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))

@@ -10,6 +10,18 @@ pub use consume::{consume, ConsumeSettings, Delivery, Outcome};
 pub use publish::{publish_all, Outgoing};
 pub use topology::{StageConsumer, StreamSettings, Topology};
 
+/// Waits until the server has processed everything this connection sent so far (for example
+/// new subscriptions), by a request round trip: `flush` only empties the socket buffer.
+pub async fn sync_with_server(client: &async_nats::Client) {
+    let subject = format!("{}.herald.sync", client.new_inbox());
+    // Nobody answers: the server's "no responders" reply is the acknowledgement we wait for.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.request(subject, bytes::Bytes::new()),
+    )
+    .await;
+}
+
 /// A JetStream operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {

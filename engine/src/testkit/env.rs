@@ -42,6 +42,13 @@ pub struct TestEnv {
 impl TestEnv {
     /// Creates the database (migrated), and a config with a unique prefix.
     pub async fn new(name: &str) -> anyhow::Result<Self> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
