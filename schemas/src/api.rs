@@ -307,29 +307,28 @@ pub fn parse_request<T: DeserializeOwned>(encoding: Encoding, body: &[u8]) -> Re
             body.len()
         )));
     }
-    let result = match encoding {
+    match encoding {
         Encoding::Json => {
             let mut de = serde_json::Deserializer::from_slice(body);
-            serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| describe(e.path().to_string(), e.into_inner().to_string()))
-                .and_then(|v| {
-                    de.end()
-                        .map(|_| v)
-                        .map_err(|e| ApiError::invalid(format!("malformed json: {e}")))
-                })
+            let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if inner.is_syntax() || inner.is_eof() {
+                    ApiError::invalid(format!("malformed json: {inner}"))
+                } else {
+                    describe(path, inner.to_string())
+                }
+            })?;
+            de.end()
+                .map_err(|e| ApiError::invalid(format!("malformed json: {e}")))?;
+            Ok(value)
         }
         Encoding::MsgPack => {
             let mut de = rmp_serde::Deserializer::new(body);
             serde_path_to_error::deserialize(&mut de)
                 .map_err(|e| describe(e.path().to_string(), e.into_inner().to_string()))
         }
-    };
-    result.map_err(|mut e| {
-        if encoding == Encoding::Json && e.message.starts_with(": ") {
-            e.message = format!("malformed json{}", e.message);
-        }
-        e
-    })
+    }
 }
 
 fn describe(path: String, error: String) -> ApiError {
@@ -338,9 +337,8 @@ fn describe(path: String, error: String) -> ApiError {
         Some(i) => error[..i].to_string(),
         None => error,
     };
-    if path.is_empty() || path == "." {
-        ApiError::invalid(format!(": {error}"))
-            .with_prefix_if_missing_field(&error)
+    if path.is_empty() || path == "." || path == "?" {
+        ApiError::invalid(format!("request: {error}")).with_prefix_if_missing_field(&error)
     } else {
         ApiError::invalid(format!("{path}: {error}"))
     }

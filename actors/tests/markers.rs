@@ -1,0 +1,380 @@
+//! Idempotency markers against the real Redis at 127.0.0.1:6379: claim, confirm, release,
+//! claim expiry, id ranges across bitmap keys, the memory cost of a million confirmed users,
+//! and racing claimers. Each test runs under its own key prefix and deletes its keys after.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use fred::{
+    clients::Client,
+    interfaces::{ClientLike, KeysInterface},
+    types::CustomCommand,
+};
+use futures::{StreamExt, TryStreamExt};
+use herald_actors::markers::{connect, ClaimState, Markers, Settled};
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+const CAMPAIGN: i64 = 42;
+/// Long enough for any test, short enough that a crashed run's keys go away by themselves.
+const MARKER_TTL: Duration = Duration::from_secs(300);
+
+/// A key prefix no other test or run shares.
+fn unique_prefix() -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .subsec_nanos();
+    format!(
+        "tm{}_{}_{}",
+        std::process::id(),
+        nanos,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `test` with fresh markers under a unique prefix, then deletes every key under that
+/// prefix, also when the test panics.
+async fn with_markers<F, Fut>(claim_ttl: Duration, test: F)
+where
+    F: FnOnce(Markers, String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let client = connect(REDIS_URL, Duration::from_secs(10))
+        .await
+        .expect("connect to redis at 127.0.0.1:6379");
+    let prefix = unique_prefix();
+    let markers = Markers::new(client.clone(), &prefix, claim_ttl, MARKER_TTL);
+    let outcome = tokio::spawn(test(markers, prefix.clone())).await;
+    let leftovers = keys_under(&client, &prefix).await;
+    if !leftovers.is_empty() {
+        let _: i64 = client.del(leftovers).await.expect("delete test keys");
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
+    client
+        .custom(
+            CustomCommand::new_static("KEYS", None::<u16>, false),
+            vec![format!("{prefix}:*")],
+        )
+        .await
+        .expect("KEYS")
+}
+
+fn bitmap_key(prefix: &str, campaign: i64, user: i64) -> String {
+    format!("{prefix}:c:{campaign}:done:{}", user >> 20)
+}
+
+fn claim_key(prefix: &str, campaign: i64, user: i64) -> String {
+    format!("{prefix}:c:{campaign}:claim:{user}")
+}
+
+async fn memory_usage(client: &Client, key: &str) -> i64 {
+    client
+        .custom(
+            CustomCommand::new_static("MEMORY", None::<u16>, false),
+            vec!["USAGE", key],
+        )
+        .await
+        .expect("MEMORY USAGE")
+}
+
+/// Polls `check` every 25 ms until it holds or `within` has passed.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn all(state: ClaimState, n: usize) -> Vec<ClaimState> {
+    vec![state; n]
+}
+
+#[tokio::test]
+async fn fresh_users_are_claimed_and_another_token_finds_them_busy() {
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        let users = [1, 2, 3];
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 3));
+        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 3));
+        // Another campaign's markers are separate.
+        assert_eq!(m.claim(CAMPAIGN + 1, &users, "b").await.unwrap(), all(ClaimState::Claimed, 3));
+        // A partly overlapping batch: only the overlap is busy.
+        assert_eq!(
+            m.claim(CAMPAIGN, &[3, 4], "b").await.unwrap(),
+            vec![ClaimState::Busy, ClaimState::Claimed]
+        );
+        assert!(m.claim(CAMPAIGN, &[], "b").await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn same_token_claiming_again_is_not_someone_elses_claim() {
+    // What fred does when it re-sends a claim after a reconnect: the second run of the script
+    // finds our own token and must answer Claimed, not Busy.
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        let users = [10, 11, 12];
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 3));
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 3));
+        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 3));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn confirmed_users_are_done_for_every_token() {
+    with_markers(Duration::from_secs(30), |m, prefix| async move {
+        let users = [7, 8, 9];
+        assert!(!m.is_done(CAMPAIGN, 7).await.unwrap());
+        m.claim(CAMPAIGN, &users, "a").await.unwrap();
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a").await.unwrap(), 3);
+        for token in ["a", "b", "c"] {
+            assert_eq!(
+                m.claim(CAMPAIGN, &users, token).await.unwrap(),
+                all(ClaimState::Done, 3),
+                "token {token}"
+            );
+        }
+        for user in users {
+            assert!(m.is_done(CAMPAIGN, user).await.unwrap(), "user {user}");
+        }
+        assert!(!m.is_done(CAMPAIGN, 6).await.unwrap());
+        assert!(!m.is_done(CAMPAIGN, 10).await.unwrap());
+        // The confirm dropped our claims: only done bits remain, no claim key per user.
+        let claims: i64 = m
+            .client()
+            .exists(users.iter().map(|u| claim_key(&prefix, CAMPAIGN, *u)).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(claims, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn confirming_the_same_users_twice_adds_nothing_to_the_batch_total() {
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        let first = [100, 101, 102];
+        m.claim(CAMPAIGN, &first, "a").await.unwrap();
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a").await.unwrap(), 3);
+        // A redelivered batch confirms the same users again.
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a").await.unwrap(), 3);
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "b").await.unwrap(), 3);
+        // Two more users of the same batch, with one repeat among them.
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[102, 103, 104], "a").await.unwrap(),
+            5
+        );
+        // Another batch has its own total.
+        assert_eq!(m.confirm(CAMPAIGN, "b2", Settled::Sent, &[200], "a").await.unwrap(), 1);
+        // An empty confirm reads the total without changing it.
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a").await.unwrap(), 5);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sent_and_failed_totals_are_separate() {
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[1, 2, 3], "a").await.unwrap(), 3);
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Failed, &[4, 5], "a").await.unwrap(), 2);
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a").await.unwrap(), 3);
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Failed, &[6], "a").await.unwrap(), 3);
+        // A failed user is settled too: nobody claims it again.
+        assert_eq!(m.claim(CAMPAIGN, &[4, 5, 6], "z").await.unwrap(), all(ClaimState::Done, 3));
+        // A user settled once does not count again under the other kind.
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[4], "a").await.unwrap(), 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn release_lets_another_token_claim() {
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        let users = [20, 21];
+        m.claim(CAMPAIGN, &users, "a").await.unwrap();
+        // Only the owner's release counts.
+        m.release(CAMPAIGN, &users, "b").await.unwrap();
+        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 2));
+        m.release(CAMPAIGN, &users, "a").await.unwrap();
+        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Claimed, 2));
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Busy, 2));
+        // Releasing never marks anyone done.
+        assert!(!m.is_done(CAMPAIGN, 20).await.unwrap());
+        m.release(CAMPAIGN, &[], "b").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_expires_after_claim_ttl() {
+    let ttl = Duration::from_millis(300);
+    with_markers(ttl, |m, _| async move {
+        let users = [30, 31];
+        let claimed_at = Instant::now();
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 2));
+        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 2));
+        eventually(Duration::from_secs(5), "the claim to expire", || {
+            let m = m.clone();
+            async move {
+                m.claim(CAMPAIGN, &users, "b").await.unwrap() == all(ClaimState::Claimed, 2)
+            }
+        })
+        .await;
+        // Redis expires the key at its TTL, not before (allow for clock granularity).
+        assert!(
+            claimed_at.elapsed() >= ttl - Duration::from_millis(50),
+            "claim expired after {:?}, before its ttl {ttl:?}",
+            claimed_at.elapsed()
+        );
+        // The new claim belongs to b now.
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Busy, 2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn user_ids_in_different_bitmap_ranges_all_work() {
+    with_markers(Duration::from_secs(30), |m, prefix| async move {
+        // Around the 2^20 key boundary and far into later ranges.
+        let users = [5, 1_048_575, 1_048_576, 3_000_000, 10_000_000];
+        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 5));
+        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a").await.unwrap(), 5);
+        for user in users {
+            assert!(m.is_done(CAMPAIGN, user).await.unwrap(), "user {user}");
+        }
+        for user in [4, 6, 1_048_574, 1_048_577, 2_999_999, 3_000_001, 10_000_001] {
+            assert!(!m.is_done(CAMPAIGN, user).await.unwrap(), "user {user}");
+        }
+        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Done, 5));
+
+        let bitmaps: Vec<String> = users.iter().map(|u| bitmap_key(&prefix, CAMPAIGN, *u)).collect();
+        let present: i64 = m.client().exists(bitmaps.clone()).await.unwrap();
+        assert_eq!(present, 5, "one bitmap per range: {bitmaps:?}");
+
+        m.forget_campaign(CAMPAIGN, 10_000_000).await.unwrap();
+        let present: i64 = m.client().exists(bitmaps).await.unwrap();
+        assert_eq!(present, 0);
+        assert_eq!(keys_under(m.client(), &prefix).await, Vec::<String>::new());
+        for user in users {
+            assert!(!m.is_done(CAMPAIGN, user).await.unwrap(), "user {user} after forget");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_million_confirmed_users_cost_under_200_kb() {
+    // Documents the ~1.25 MB per 10M users property: one bit per user, not one key.
+    const USERS: i64 = 1_000_000;
+    const BATCH: i64 = 1_000;
+    with_markers(Duration::from_secs(30), |m, prefix| async move {
+        let started = Instant::now();
+        futures::stream::iter(0..USERS / BATCH)
+            .map(|b| {
+                let m = m.clone();
+                async move {
+                    let users: Vec<i64> = (b * BATCH + 1..=(b + 1) * BATCH).collect();
+                    let field = format!("b{b}");
+                    let total = m.confirm(CAMPAIGN, &field, Settled::Sent, &users, "a").await?;
+                    assert_eq!(total, BATCH, "batch {b}");
+                    Ok::<_, herald_actors::markers::MarkerError>(())
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect::<()>()
+            .await
+            .unwrap();
+        eprintln!("confirmed {USERS} users in {:?}", started.elapsed());
+
+        for user in [1, 2, 524_288, 999_999, USERS] {
+            assert!(m.is_done(CAMPAIGN, user).await.unwrap(), "user {user}");
+        }
+        assert!(!m.is_done(CAMPAIGN, 0).await.unwrap());
+        assert!(!m.is_done(CAMPAIGN, USERS + 1).await.unwrap());
+
+        let mut bitmap_bytes = 0;
+        for chunk in 0..=(USERS >> 20) {
+            let key = format!("{prefix}:c:{CAMPAIGN}:done:{chunk}");
+            bitmap_bytes += memory_usage(m.client(), &key).await;
+        }
+        eprintln!("bitmaps for {USERS} users: {bitmap_bytes} bytes");
+        assert!(bitmap_bytes > 0);
+        assert!(bitmap_bytes < 200_000, "bitmaps take {bitmap_bytes} bytes");
+        // No per-user keys: the bitmaps and the progress hash are all there is.
+        let keys = keys_under(m.client(), &prefix).await;
+        assert_eq!(keys.len() as i64, (USERS >> 20) + 2, "keys: {keys:?}");
+
+        m.forget_campaign(CAMPAIGN, USERS).await.unwrap();
+        assert_eq!(keys_under(m.client(), &prefix).await, Vec::<String>::new());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn racing_claimers_get_each_user_exactly_once() {
+    const TASKS: usize = 8;
+    with_markers(Duration::from_secs(30), |m, prefix| async move {
+        let users: Vec<i64> = (1_000..1_100).collect();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(TASKS));
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let m = m.clone();
+            let barrier = barrier.clone();
+            // Each claimer walks the users in its own order and in small batches, so the
+            // scripts of different claimers interleave.
+            let mut order = users.clone();
+            order.rotate_left(t * 13);
+            if t % 2 == 1 {
+                order.reverse();
+            }
+            tasks.push(tokio::spawn(async move {
+                let token = format!("token-{t}");
+                barrier.wait().await;
+                let mut won = Vec::new();
+                for batch in order.chunks(10) {
+                    let states = m.claim(CAMPAIGN, batch, &token).await.unwrap();
+                    for (user, state) in batch.iter().zip(states) {
+                        assert_ne!(state, ClaimState::Done, "user {user}");
+                        if state == ClaimState::Claimed {
+                            won.push(*user);
+                        }
+                    }
+                }
+                (token, won)
+            }));
+        }
+        let mut owners: HashMap<i64, Vec<String>> = HashMap::new();
+        for task in tasks {
+            let (token, won) = task.await.unwrap();
+            for user in won {
+                owners.entry(user).or_default().push(token.clone());
+            }
+        }
+        for user in &users {
+            let tokens = owners.get(user).cloned().unwrap_or_default();
+            assert_eq!(tokens.len(), 1, "user {user} claimed by {tokens:?}");
+            // Redis agrees on who holds it.
+            let holder: Option<String> = m.client().get(claim_key(&prefix, CAMPAIGN, *user)).await.unwrap();
+            assert_eq!(holder.as_deref(), Some(tokens[0].as_str()), "user {user}");
+        }
+    })
+    .await;
+}
