@@ -96,30 +96,52 @@ apt_install() {
 pg_installed_version() {
     local bin
     for bin in /usr/lib/postgresql/*/bin/postgres; do
-        [[ -x $bin ]] && basename "$(dirname "$(dirname "$bin")")"
+        if [[ -x $bin ]]; then
+            basename "$(dirname "$(dirname "$bin")")"
+        fi
     done | sort -V | tail -n 1
 }
 
+# (Written with if, not ||, so that set -e still applies inside apt_install.)
 ensure_installed() {
     case "$1" in
-    nats) find_bin nats-server >/dev/null || apt_install nats-server ;;
-    redis) find_bin redis-server >/dev/null || apt_install redis-server ;;
+    nats)
+        if ! find_bin nats-server >/dev/null; then
+            apt_install nats-server
+            find_bin nats-server >/dev/null || die "nats-server still missing after install"
+        fi
+        ;;
+    redis)
+        if ! find_bin redis-server >/dev/null; then
+            apt_install redis-server
+            find_bin redis-server >/dev/null || die "redis-server still missing after install"
+        fi
+        ;;
     postgres)
         if ! find_bin pg_ctlcluster >/dev/null || ! find_bin psql >/dev/null ||
             [[ -z $(pg_installed_version) ]]; then
             apt_install postgresql
+            [[ -n $(pg_installed_version) ]] || die "no PostgreSQL server under /usr/lib/postgresql after install"
         fi
         ;;
     *) die "unknown service '$1' (expected nats, redis or postgres)" ;;
     esac
 }
 
-# Waits until $2 listens; otherwise fails with the tail of log file $3.
+# Waits until $2 listens; otherwise fails with the tail of log file $3. Gives up early when
+# the process in pidfile $4 (optional) has exited.
 wait_port() {
-    local name="$1" port="$2" logfile="$3" waited=0
+    local name="$1" port="$2" logfile="$3" pidfile="${4:-}" waited=0 pid reason
     until listening "$port"; do
+        reason=""
         if ((waited >= TIMEOUT * 2)); then
-            log "$name did not listen on $HOST:$port within ${TIMEOUT}s; last lines of $logfile:"
+            reason="did not listen on $HOST:$port within ${TIMEOUT}s"
+        elif [[ -n $pidfile && -s $pidfile ]]; then
+            pid="$(cat "$pidfile")"
+            kill -0 "$pid" 2>/dev/null || reason="exited (pid $pid) before listening on $HOST:$port"
+        fi
+        if [[ -n $reason ]]; then
+            log "$name $reason; last lines of $logfile:"
             if [[ -r $logfile ]]; then
                 tail -n 30 "$logfile" >&2
             else
@@ -149,28 +171,35 @@ start_daemon() {
 
 summary=()
 
+# Warns when the NATS server on $NATS_PORT runs without JetStream: its greeting (INFO) says.
+nats_check_jetstream() {
+    local info
+    info="$( (exec 3<>"/dev/tcp/$HOST/$NATS_PORT" && read -r -t 3 line <&3 && printf '%s' "$line") 2>/dev/null || true)"
+    if [[ $info == INFO* && $info != *'"jetstream":true'* ]]; then
+        log "nats: warning: the server on $HOST:$NATS_PORT runs without JetStream (-js); herald needs it"
+    fi
+}
+
 up_nats() {
-    local url="nats://$HOST:$NATS_PORT" bin info=""
+    local url="nats://$HOST:$NATS_PORT" bin
     if listening "$NATS_PORT"; then
         log "nats: something already listens on $HOST:$NATS_PORT, leaving it alone"
-        # The server greets with an INFO line that says whether JetStream is on.
-        if exec 3<>"/dev/tcp/$HOST/$NATS_PORT"; then
-            read -r -t 3 info <&3 || true
-            exec 3>&-
-        fi
-        if [[ $info == INFO* && $info != *'"jetstream":true'* ]]; then
-            log "nats: warning: the server on $HOST:$NATS_PORT runs without JetStream (-js); herald needs it"
-        fi
+        nats_check_jetstream
         summary+=("nats      $url  (already running)")
         return
     fi
     ensure_installed nats
+    if listening "$NATS_PORT"; then
+        nats_check_jetstream
+        summary+=("nats      $url  (started by the package install)")
+        return
+    fi
     bin="$(find_bin nats-server)"
     mkdir -p "$NATS_DIR" "$(dirname "$NATS_LOG")"
     log "nats: starting $bin on $HOST:$NATS_PORT (JetStream store $NATS_DIR, log $NATS_LOG)"
     start_daemon "$NATS_DIR/nats-server.pid" "$bin" \
         -a "$HOST" -p "$NATS_PORT" -js -sd "$NATS_DIR" -l "$NATS_LOG"
-    wait_port nats "$NATS_PORT" "$NATS_LOG"
+    wait_port nats "$NATS_PORT" "$NATS_LOG" "$NATS_DIR/nats-server.pid"
     summary+=("nats      $url  (started, pid $(cat "$NATS_DIR/nats-server.pid"), store $NATS_DIR, log $NATS_LOG)")
 }
 
@@ -191,9 +220,11 @@ up_redis() {
     mkdir -p "$REDIS_DIR" "$(dirname "$REDIS_LOG")"
     log "redis: starting $bin on $HOST:$REDIS_PORT (dir $REDIS_DIR, log $REDIS_LOG, no persistence)"
     # "-::1": also bind IPv6 loopback when it exists, without failing when it does not.
+    # A pidfile left by a crashed server would fool wait_port; nothing serves this port now.
+    rm -f "$REDIS_DIR/redis-$REDIS_PORT.pid"
     "$bin" --daemonize yes --bind "$HOST" -::1 --port "$REDIS_PORT" --save "" --appendonly no \
         --dir "$REDIS_DIR" --logfile "$REDIS_LOG" --pidfile "$REDIS_DIR/redis-$REDIS_PORT.pid"
-    wait_port redis "$REDIS_PORT" "$REDIS_LOG"
+    wait_port redis "$REDIS_PORT" "$REDIS_LOG" "$REDIS_DIR/redis-$REDIS_PORT.pid"
     summary+=("redis     $url  (started, pid $(cat "$REDIS_DIR/redis-$REDIS_PORT.pid" 2>/dev/null || echo '?'), dir $REDIS_DIR, log $REDIS_LOG)")
 }
 
@@ -245,7 +276,7 @@ up_postgres() {
     [[ -n $ver ]] || die "postgres: no PostgreSQL server found under /usr/lib/postgresql"
     if [[ ! -d /etc/postgresql/$ver/main ]]; then
         log "postgres: creating cluster $ver/main on port $PG_PORT"
-        as_root pg_createcluster "$ver" main --port "$PG_PORT"
+        as_root pg_createcluster --port "$PG_PORT" "$ver" main
     fi
     cluster_port="$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" { print $3 }')"
     if [[ $cluster_port != "$PG_PORT" ]]; then

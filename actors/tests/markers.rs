@@ -98,7 +98,10 @@ where
         if check().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -111,10 +114,19 @@ fn all(state: ClaimState, n: usize) -> Vec<ClaimState> {
 async fn fresh_users_are_claimed_and_another_token_finds_them_busy() {
     with_markers(Duration::from_secs(30), |m, _| async move {
         let users = [1, 2, 3];
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 3));
-        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 3));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Claimed, 3)
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Busy, 3)
+        );
         // Another campaign's markers are separate.
-        assert_eq!(m.claim(CAMPAIGN + 1, &users, "b").await.unwrap(), all(ClaimState::Claimed, 3));
+        assert_eq!(
+            m.claim(CAMPAIGN + 1, &users, "b").await.unwrap(),
+            all(ClaimState::Claimed, 3)
+        );
         // A partly overlapping batch: only the overlap is busy.
         assert_eq!(
             m.claim(CAMPAIGN, &[3, 4], "b").await.unwrap(),
@@ -131,9 +143,18 @@ async fn same_token_claiming_again_is_not_someone_elses_claim() {
     // finds our own token and must answer Claimed, not Busy.
     with_markers(Duration::from_secs(30), |m, _| async move {
         let users = [10, 11, 12];
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 3));
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 3));
-        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 3));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Claimed, 3)
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Claimed, 3)
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Busy, 3)
+        );
     })
     .await;
 }
@@ -144,7 +165,12 @@ async fn confirmed_users_are_done_for_every_token() {
         let users = [7, 8, 9];
         assert!(!m.is_done(CAMPAIGN, 7).await.unwrap());
         m.claim(CAMPAIGN, &users, "a").await.unwrap();
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a").await.unwrap(), 3);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a")
+                .await
+                .unwrap(),
+            3
+        );
         for token in ["a", "b", "c"] {
             assert_eq!(
                 m.claim(CAMPAIGN, &users, token).await.unwrap(),
@@ -160,7 +186,12 @@ async fn confirmed_users_are_done_for_every_token() {
         // The confirm dropped our claims: only done bits remain, no claim key per user.
         let claims: i64 = m
             .client()
-            .exists(users.iter().map(|u| claim_key(&prefix, CAMPAIGN, *u)).collect::<Vec<_>>())
+            .exists(
+                users
+                    .iter()
+                    .map(|u| claim_key(&prefix, CAMPAIGN, *u))
+                    .collect::<Vec<_>>(),
+            )
             .await
             .unwrap();
         assert_eq!(claims, 0);
@@ -173,19 +204,46 @@ async fn confirming_the_same_users_twice_adds_nothing_to_the_batch_total() {
     with_markers(Duration::from_secs(30), |m, _| async move {
         let first = [100, 101, 102];
         m.claim(CAMPAIGN, &first, "a").await.unwrap();
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a").await.unwrap(), 3);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a")
+                .await
+                .unwrap(),
+            3
+        );
         // A redelivered batch confirms the same users again.
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a").await.unwrap(), 3);
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "b").await.unwrap(), 3);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a")
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "b")
+                .await
+                .unwrap(),
+            3
+        );
         // Two more users of the same batch, with one repeat among them.
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[102, 103, 104], "a").await.unwrap(),
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[102, 103, 104], "a")
+                .await
+                .unwrap(),
             5
         );
         // Another batch has its own total.
-        assert_eq!(m.confirm(CAMPAIGN, "b2", Settled::Sent, &[200], "a").await.unwrap(), 1);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b2", Settled::Sent, &[200], "a")
+                .await
+                .unwrap(),
+            1
+        );
         // An empty confirm reads the total without changing it.
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a").await.unwrap(), 5);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a")
+                .await
+                .unwrap(),
+            5
+        );
     })
     .await;
 }
@@ -193,14 +251,42 @@ async fn confirming_the_same_users_twice_adds_nothing_to_the_batch_total() {
 #[tokio::test]
 async fn sent_and_failed_totals_are_separate() {
     with_markers(Duration::from_secs(30), |m, _| async move {
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[1, 2, 3], "a").await.unwrap(), 3);
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Failed, &[4, 5], "a").await.unwrap(), 2);
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a").await.unwrap(), 3);
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Failed, &[6], "a").await.unwrap(), 3);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[1, 2, 3], "a")
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Failed, &[4, 5], "a")
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a")
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Failed, &[6], "a")
+                .await
+                .unwrap(),
+            3
+        );
         // A failed user is settled too: nobody claims it again.
-        assert_eq!(m.claim(CAMPAIGN, &[4, 5, 6], "z").await.unwrap(), all(ClaimState::Done, 3));
+        assert_eq!(
+            m.claim(CAMPAIGN, &[4, 5, 6], "z").await.unwrap(),
+            all(ClaimState::Done, 3)
+        );
         // A user settled once does not count again under the other kind.
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &[4], "a").await.unwrap(), 3);
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[4], "a")
+                .await
+                .unwrap(),
+            3
+        );
     })
     .await;
 }
@@ -212,10 +298,19 @@ async fn release_lets_another_token_claim() {
         m.claim(CAMPAIGN, &users, "a").await.unwrap();
         // Only the owner's release counts.
         m.release(CAMPAIGN, &users, "b").await.unwrap();
-        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 2));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Busy, 2)
+        );
         m.release(CAMPAIGN, &users, "a").await.unwrap();
-        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Claimed, 2));
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Busy, 2));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Claimed, 2)
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Busy, 2)
+        );
         // Releasing never marks anyone done.
         assert!(!m.is_done(CAMPAIGN, 20).await.unwrap());
         m.release(CAMPAIGN, &[], "b").await.unwrap();
@@ -229,8 +324,14 @@ async fn a_claim_expires_after_claim_ttl() {
     with_markers(ttl, |m, _| async move {
         let users = [30, 31];
         let claimed_at = Instant::now();
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 2));
-        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Busy, 2));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Claimed, 2)
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Busy, 2)
+        );
         eventually(Duration::from_secs(5), "the claim to expire", || {
             let m = m.clone();
             async move {
@@ -245,7 +346,10 @@ async fn a_claim_expires_after_claim_ttl() {
             claimed_at.elapsed()
         );
         // The new claim belongs to b now.
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Busy, 2));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Busy, 2)
+        );
     })
     .await;
 }
@@ -255,17 +359,31 @@ async fn user_ids_in_different_bitmap_ranges_all_work() {
     with_markers(Duration::from_secs(30), |m, prefix| async move {
         // Around the 2^20 key boundary and far into later ranges.
         let users = [5, 1_048_575, 1_048_576, 3_000_000, 10_000_000];
-        assert_eq!(m.claim(CAMPAIGN, &users, "a").await.unwrap(), all(ClaimState::Claimed, 5));
-        assert_eq!(m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a").await.unwrap(), 5);
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "a").await.unwrap(),
+            all(ClaimState::Claimed, 5)
+        );
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a")
+                .await
+                .unwrap(),
+            5
+        );
         for user in users {
             assert!(m.is_done(CAMPAIGN, user).await.unwrap(), "user {user}");
         }
         for user in [4, 6, 1_048_574, 1_048_577, 2_999_999, 3_000_001, 10_000_001] {
             assert!(!m.is_done(CAMPAIGN, user).await.unwrap(), "user {user}");
         }
-        assert_eq!(m.claim(CAMPAIGN, &users, "b").await.unwrap(), all(ClaimState::Done, 5));
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Done, 5)
+        );
 
-        let bitmaps: Vec<String> = users.iter().map(|u| bitmap_key(&prefix, CAMPAIGN, *u)).collect();
+        let bitmaps: Vec<String> = users
+            .iter()
+            .map(|u| bitmap_key(&prefix, CAMPAIGN, *u))
+            .collect();
         let present: i64 = m.client().exists(bitmaps.clone()).await.unwrap();
         assert_eq!(present, 5, "one bitmap per range: {bitmaps:?}");
 
@@ -274,7 +392,10 @@ async fn user_ids_in_different_bitmap_ranges_all_work() {
         assert_eq!(present, 0);
         assert_eq!(keys_under(m.client(), &prefix).await, Vec::<String>::new());
         for user in users {
-            assert!(!m.is_done(CAMPAIGN, user).await.unwrap(), "user {user} after forget");
+            assert!(
+                !m.is_done(CAMPAIGN, user).await.unwrap(),
+                "user {user} after forget"
+            );
         }
     })
     .await;
@@ -293,7 +414,9 @@ async fn a_million_confirmed_users_cost_under_200_kb() {
                 async move {
                     let users: Vec<i64> = (b * BATCH + 1..=(b + 1) * BATCH).collect();
                     let field = format!("b{b}");
-                    let total = m.confirm(CAMPAIGN, &field, Settled::Sent, &users, "a").await?;
+                    let total = m
+                        .confirm(CAMPAIGN, &field, Settled::Sent, &users, "a")
+                        .await?;
                     assert_eq!(total, BATCH, "batch {b}");
                     Ok::<_, herald_actors::markers::MarkerError>(())
                 }
@@ -372,7 +495,11 @@ async fn racing_claimers_get_each_user_exactly_once() {
             let tokens = owners.get(user).cloned().unwrap_or_default();
             assert_eq!(tokens.len(), 1, "user {user} claimed by {tokens:?}");
             // Redis agrees on who holds it.
-            let holder: Option<String> = m.client().get(claim_key(&prefix, CAMPAIGN, *user)).await.unwrap();
+            let holder: Option<String> = m
+                .client()
+                .get(claim_key(&prefix, CAMPAIGN, *user))
+                .await
+                .unwrap();
             assert_eq!(holder.as_deref(), Some(tokens[0].as_str()), "user {user}");
         }
     })

@@ -233,7 +233,7 @@ async fn dead_letter(
     let payload = encode(&letter).map_err(|e| e.to_string())?;
     let out = Outgoing {
         subject: subjects.dead_letter(stream),
-        msg_id: format!("dl:{stream}:{}", delivery.stream_sequence),
+        msg_id: format!("dl:{stream}:{durable}:{}", delivery.stream_sequence),
         payload: payload.into(),
     };
     match publish_all(js, std::slice::from_ref(&out)).await {
