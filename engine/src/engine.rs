@@ -97,9 +97,11 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::debug!("nats connected"),
-                other => tracing::warn!(event = %other, "nats connection event"),
+            match &event {
+                async_nats::Event::Connected | async_nats::Event::Closed => {
+                    tracing::debug!(event = %event, "nats connection event")
+                }
+                _ => tracing::warn!(event = %event, "nats connection event"),
             }
         })
         .connect(url)

@@ -139,15 +139,15 @@ impl TestEnv {
     ) -> anyhow::Result<CampaignStatusReply> {
         let deadline = Instant::now() + timeout;
         loop {
-            let s = self
-                .status(campaign_id)
-                .await?
-                .map_err(|e| anyhow::anyhow!("status: {}", e.message))?;
-            if s.status.is_final() {
-                return Ok(s);
-            }
+            // No node may be answering for a moment (one restarting): keep asking.
+            let last = match self.status(campaign_id).await {
+                Ok(Ok(s)) if s.status.is_final() => return Ok(s),
+                Ok(Ok(s)) => format!("{s:?}"),
+                Ok(Err(e)) => anyhow::bail!("status: {}", e.message),
+                Err(e) => e.to_string(),
+            };
             if Instant::now() > deadline {
-                anyhow::bail!("campaign {campaign_id} not final after {timeout:?}: {s:?}");
+                anyhow::bail!("campaign {campaign_id} not final after {timeout:?}: {last}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
