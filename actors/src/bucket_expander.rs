@@ -98,7 +98,11 @@ impl Stage for BucketExpander {
     async fn handle(&self, d: Delivery) -> Outcome {
         let task: BucketTask = match decode(&d.payload) {
             Ok(t) => t,
-            Err(e) => return Outcome::Reject { reason: format!("undecodable BucketTask: {e}") },
+            Err(e) => {
+                return Outcome::Reject {
+                    reason: format!("undecodable BucketTask: {e}"),
+                }
+            }
         };
         if task.campaign_id != self.campaign.id || task.end_id < task.start_id {
             return Outcome::Reject {

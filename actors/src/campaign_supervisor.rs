@@ -120,7 +120,14 @@ impl CampaignSupervisor {
             .finish(id, CampaignState::Completed, &p, None, chrono::Utc::now())
             .await?;
         if won {
-            tracing::info!(campaign_id = id, recipients = p.recipients, sent = p.sent, skipped = p.skipped, failed = p.failed, "campaign completed");
+            tracing::info!(
+                campaign_id = id,
+                recipients = p.recipients,
+                sent = p.sent,
+                skipped = p.skipped,
+                failed = p.failed,
+                "campaign completed"
+            );
             // Deleted once the children have stopped pulling from them (post_stop).
             state.delete_consumers = true;
         }
@@ -149,11 +156,19 @@ impl CampaignSupervisor {
         let id = state.campaign.id;
         let progress = store.progress(id).await.unwrap_or_default();
         match store
-            .finish(id, CampaignState::Failed, &progress, Some(reason), chrono::Utc::now())
+            .finish(
+                id,
+                CampaignState::Failed,
+                &progress,
+                Some(reason),
+                chrono::Utc::now(),
+            )
             .await
         {
             Ok(_) => tracing::error!(campaign_id = id, reason, "campaign failed"),
-            Err(e) => tracing::error!(campaign_id = id, reason, error = %e, "recording campaign failure failed"),
+            Err(e) => {
+                tracing::error!(campaign_id = id, reason, error = %e, "recording campaign failure failed")
+            }
         }
     }
 }
@@ -283,7 +298,10 @@ impl Actor for CampaignSupervisor {
             t.abort();
         }
         myself
-            .stop_children_and_wait(Some("supervisor stopping".into()), Some(state.shared.settings.push.ack_wait * 2))
+            .stop_children_and_wait(
+                Some("supervisor stopping".into()),
+                Some(state.shared.settings.push.ack_wait * 2),
+            )
             .await;
         if state.delete_consumers {
             Self::delete_consumers(state).await;

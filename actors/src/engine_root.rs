@@ -76,7 +76,11 @@ impl Actor for EngineRoot {
         let me = myself.clone();
         let listener = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let id = msg.subject.rsplit('.').next().and_then(|s| s.parse::<i64>().ok());
+                let id = msg
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|s| s.parse::<i64>().ok());
                 if let Some(id) = id {
                     if me.send_message(RootMsg::Ensure(id)).is_err() {
                         break;
@@ -149,7 +153,10 @@ impl Actor for EngineRoot {
             t.abort();
         }
         myself
-            .stop_children_and_wait(Some("node stopping".into()), Some(state.shared.settings.push.ack_wait * 3))
+            .stop_children_and_wait(
+                Some("node stopping".into()),
+                Some(state.shared.settings.push.ack_wait * 3),
+            )
             .await;
         Ok(())
     }

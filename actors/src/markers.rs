@@ -224,7 +224,12 @@ impl Markers {
     }
 
     /// Drops our claims on `users` (after a failed attempt), so a retry can claim them.
-    pub async fn release(&self, campaign: i64, users: &[i64], token: &str) -> Result<(), MarkerError> {
+    pub async fn release(
+        &self,
+        campaign: i64,
+        users: &[i64],
+        token: &str,
+    ) -> Result<(), MarkerError> {
         if users.is_empty() {
             return Ok(());
         }
@@ -250,7 +255,11 @@ impl Markers {
     }
 
     /// Deletes every marker of a campaign (bitmaps, progress; claims expire by themselves).
-    pub async fn forget_campaign(&self, campaign: i64, max_user_id: i64) -> Result<(), MarkerError> {
+    pub async fn forget_campaign(
+        &self,
+        campaign: i64,
+        max_user_id: i64,
+    ) -> Result<(), MarkerError> {
         let mut keys = vec![self.progress_key(campaign)];
         for chunk in 0..=(max_user_id.max(0) >> CHUNK_BITS) {
             keys.push(format!("{}:c:{campaign}:done:{chunk}", self.prefix));

@@ -96,7 +96,10 @@ impl PushSender {
     async fn process(&self, batch: PushBatch, d: &Delivery) -> Result<Outcome, String> {
         let markers = &self.shared.markers;
         let cid = batch.campaign_id;
-        let token = format!("{}:{}:{}", self.shared.node_id, d.stream_sequence, d.delivered);
+        let token = format!(
+            "{}:{}:{}",
+            self.shared.node_id, d.stream_sequence, d.delivered
+        );
         let field = format!("{}:{}", batch.bucket, batch.part);
         let states = markers
             .claim(cid, &batch.user_ids, &token)
@@ -228,7 +231,11 @@ impl Stage for PushSender {
     async fn handle(&self, d: Delivery) -> Outcome {
         let batch: PushBatch = match decode(&d.payload) {
             Ok(b) => b,
-            Err(e) => return Outcome::Reject { reason: format!("undecodable PushBatch: {e}") },
+            Err(e) => {
+                return Outcome::Reject {
+                    reason: format!("undecodable PushBatch: {e}"),
+                }
+            }
         };
         if batch.campaign_id != self.campaign.id
             || batch.user_ids.is_empty()

@@ -43,7 +43,11 @@ impl Sharder {
             .await
             .map_err(db)?;
         let settings = &self.shared.settings;
-        let buckets = match store.audience_bounds(&campaign.audience).await.map_err(db)? {
+        let buckets = match store
+            .audience_bounds(&campaign.audience)
+            .await
+            .map_err(db)?
+        {
             None => 0,
             Some((lo, hi)) => {
                 let tasks = bucket_tasks(campaign.id, lo, hi, settings.bucket_size);
@@ -152,11 +156,18 @@ impl Stage for Sharder {
     async fn handle(&self, d: Delivery) -> Outcome {
         let created: CampaignCreated = match decode(&d.payload) {
             Ok(c) => c,
-            Err(e) => return Outcome::Reject { reason: format!("undecodable CampaignCreated: {e}") },
+            Err(e) => {
+                return Outcome::Reject {
+                    reason: format!("undecodable CampaignCreated: {e}"),
+                }
+            }
         };
         if created.campaign_id != self.campaign_id {
             return Outcome::Reject {
-                reason: format!("campaign id {} on the subject of {}", created.campaign_id, self.campaign_id),
+                reason: format!(
+                    "campaign id {} on the subject of {}",
+                    created.campaign_id, self.campaign_id
+                ),
             };
         }
         match self.shard(created).await {

@@ -149,9 +149,15 @@ impl<S: Stage> Actor for StageWorker<S> {
         // Stop pulling, then let in-flight messages finish and settle, within a bound.
         state.stop.cancel();
         if let Some(mut task) = state.task.take() {
-            if tokio::time::timeout(state.drain_timeout, &mut task).await.is_err() {
+            if tokio::time::timeout(state.drain_timeout, &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
-                tracing::warn!(stage = S::NAME, "stage did not drain in time; unacked work will be redelivered");
+                tracing::warn!(
+                    stage = S::NAME,
+                    "stage did not drain in time; unacked work will be redelivered"
+                );
             }
         }
         Ok(())

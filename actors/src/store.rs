@@ -163,7 +163,8 @@ impl Store {
 
     /// Inserts a campaign (status `pending`) and returns its id.
     pub async fn insert_campaign(&self, c: &NewCampaign, now: DateTime<Utc>) -> Result<i64, DbErr> {
-        let audience = serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
+        let audience =
+            serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
         #[derive(FromQueryResult)]
         struct Id {
             id: i64,
@@ -266,7 +267,12 @@ impl Store {
     }
 
     /// Records the shard count and moves the campaign to `running` (first writer wins).
-    pub async fn set_sharded(&self, id: i64, buckets: i64, now: DateTime<Utc>) -> Result<(), DbErr> {
+    pub async fn set_sharded(
+        &self,
+        id: i64,
+        buckets: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
         self.db
             .execute(stmt(
                 &self.db,
@@ -332,7 +338,13 @@ impl Store {
                 &self.db,
                 "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                vec![campaign_id.into(), bucket.into(), parts.into(), recipients.into(), now.into()],
+                vec![
+                    campaign_id.into(),
+                    bucket.into(),
+                    parts.into(),
+                    recipients.into(),
+                    now.into(),
+                ],
             ))
             .await?;
         Ok(())
@@ -391,7 +403,12 @@ impl Store {
                 sql.push_str(", ");
             }
             sql.push_str(&format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4));
-            values.extend([campaign_id.into(), (*user).into(), reason.clone().into(), now.into()]);
+            values.extend([
+                campaign_id.into(),
+                (*user).into(),
+                reason.clone().into(),
+                now.into(),
+            ]);
         }
         sql.push_str(" ON CONFLICT DO NOTHING");
         self.db.execute(stmt(&self.db, &sql, values)).await?;

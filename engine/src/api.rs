@@ -18,9 +18,8 @@ use fred::{
 use futures::StreamExt;
 use herald_actors::store::{NewCampaign, Store};
 use herald_schemas::{
-    parse_request, ApiError, CampaignState, CampaignStatusReply,
-    CampaignStatusRequest, CreateCampaignReply, CreateCampaignRequest, Encoding, ErrorReply,
-    Subjects,
+    parse_request, ApiError, CampaignState, CampaignStatusReply, CampaignStatusRequest,
+    CreateCampaignReply, CreateCampaignRequest, Encoding, ErrorReply, Subjects,
 };
 use serde::Serialize;
 use tokio::{sync::Semaphore, task::JoinHandle};
@@ -65,11 +64,9 @@ impl ApiService {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.max_in_flight.max(1)));
         Ok(tokio::spawn(async move {
-            let requests = futures::stream::select(
-                create.map(|m| (true, m)),
-                status.map(|m| (false, m)),
-            )
-            .take_until(stop.cancelled_owned());
+            let requests =
+                futures::stream::select(create.map(|m| (true, m)), status.map(|m| (false, m)))
+                    .take_until(stop.cancelled_owned());
             let mut requests = std::pin::pin!(requests);
             let mut tasks = tokio::task::JoinSet::new();
             while let Some((is_create, msg)) = requests.next().await {
@@ -313,7 +310,9 @@ pub async fn request<T: Serialize, R: serde::de::DeserializeOwned>(
         nats.request_with_headers(subject.clone(), headers, payload.into()),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no reply on {subject} within {timeout:?}: is a herald node running?"))?
+    .map_err(|_| {
+        anyhow::anyhow!("no reply on {subject} within {timeout:?}: is a herald node running?")
+    })?
     .map_err(|e| anyhow::anyhow!("request on {subject}: {e}"))?;
     let value: serde_json::Value = match encoding {
         Encoding::Json => serde_json::from_slice(&msg.payload)?,

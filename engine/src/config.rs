@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::providers::ProviderConfig;
 
 /// The whole node configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This node.
@@ -29,20 +29,6 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// A provider per inform type.
     pub providers: ProvidersConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            node: NodeConfig::default(),
-            nats: NatsConfig::default(),
-            redis: RedisConfig::default(),
-            database: DatabaseConfig::default(),
-            api: ApiConfig::default(),
-            pipeline: PipelineConfig::default(),
-            providers: ProvidersConfig::default(),
-        }
-    }
 }
 
 /// This node.
@@ -366,8 +352,16 @@ impl Config {
         if p.send_concurrency < 1 || p.send_attempts < 1 {
             bail!("pipeline.send_concurrency and pipeline.send_attempts: must be at least 1");
         }
-        for (name, s) in [("shard", &p.shard), ("expand", &p.expand), ("push", &p.push)] {
-            if s.concurrency < 1 || s.max_deliver < 1 || s.max_ack_pending < 1 || s.ack_wait_secs < 1 {
+        for (name, s) in [
+            ("shard", &p.shard),
+            ("expand", &p.expand),
+            ("push", &p.push),
+        ] {
+            if s.concurrency < 1
+                || s.max_deliver < 1
+                || s.max_ack_pending < 1
+                || s.ack_wait_secs < 1
+            {
                 bail!("pipeline.{name}: concurrency, max_deliver, max_ack_pending and ack_wait_secs must be at least 1");
             }
         }
@@ -397,7 +391,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -425,7 +422,11 @@ mod tests {
         assert_eq!(c.redis.url, "redis://127.0.0.1:6380");
         assert_eq!(c.database.url, "postgres://postgres@127.0.0.1/x");
         assert_eq!(c.pipeline.push.concurrency, 7);
-        assert!(matches!(c.providers.app, ProviderConfig::Webhook { .. }), "{:?}", c.providers.app);
+        assert!(
+            matches!(c.providers.app, ProviderConfig::Webhook { .. }),
+            "{:?}",
+            c.providers.app
+        );
     }
 
     #[test]
@@ -445,7 +446,8 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let e = Config::load_from(Some(Path::new("/nonexistent/herald.toml")), env(&[])).unwrap_err();
+        let e =
+            Config::load_from(Some(Path::new("/nonexistent/herald.toml")), env(&[])).unwrap_err();
         assert!(e.to_string().contains("does not exist"));
     }
 }

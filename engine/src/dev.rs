@@ -110,7 +110,10 @@ async fn ensure_server(
     let deadline = Instant::now() + Duration::from_secs(15);
     while !listening(addr) {
         if Instant::now() > deadline {
-            bail!("{name} did not start listening on {addr}; see {}/{name}.log", data_dir.display());
+            bail!(
+                "{name} did not start listening on {addr}; see {}/{name}.log",
+                data_dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -121,33 +124,46 @@ async fn ensure_server(
 /// Runs the demo.
 pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     let data_dir = Path::new(&args.data_dir);
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let _nats = ensure_server("nats-server", &config.nats.url, 4222, data_dir, |port, dir| {
-        vec![
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-js".into(),
-            "-sd".into(),
-            dir.join("jetstream").display().to_string(),
-        ]
-    })
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let _nats = ensure_server(
+        "nats-server",
+        &config.nats.url,
+        4222,
+        data_dir,
+        |port, dir| {
+            vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                dir.join("jetstream").display().to_string(),
+            ]
+        },
+    )
     .await?;
-    let _redis = ensure_server("redis-server", &config.redis.url, 6379, data_dir, |port, dir| {
-        vec![
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--port".into(),
-            port.to_string(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            dir.display().to_string(),
-        ]
-    })
+    let _redis = ensure_server(
+        "redis-server",
+        &config.redis.url,
+        6379,
+        data_dir,
+        |port, dir| {
+            vec![
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                port.to_string(),
+                "--save".into(),
+                String::new(),
+                "--appendonly".into(),
+                "no".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ]
+        },
+    )
     .await?;
 
     let db = connect_db(&config.database.url, 4).await?;
@@ -156,7 +172,11 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     if have == 0 {
         let t = Instant::now();
         seed::seed_users(&db, args.users).await?;
-        println!("seeded {} demo users in {:.1}s", args.users, t.elapsed().as_secs_f64());
+        println!(
+            "seeded {} demo users in {:.1}s",
+            args.users,
+            t.elapsed().as_secs_f64()
+        );
     } else {
         println!("database already has {have} users");
     }
@@ -247,7 +267,11 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
     }
     engine.shutdown().await?;
     if status.status != herald_schemas::CampaignState::Completed {
-        bail!("campaign ended {}: {}", status.status.as_str(), status.error.unwrap_or_default());
+        bail!(
+            "campaign ended {}: {}",
+            status.status.as_str(),
+            status.error.unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -262,8 +286,16 @@ mod tests {
             loopback_addr("nats://127.0.0.1:4222", 4222).unwrap().port(),
             4222
         );
-        assert_eq!(loopback_addr("redis://localhost", 6379).unwrap().port(), 6379);
-        assert_eq!(loopback_addr("redis://u:p@127.0.0.1:6380/0", 6379).unwrap().port(), 6380);
+        assert_eq!(
+            loopback_addr("redis://localhost", 6379).unwrap().port(),
+            6379
+        );
+        assert_eq!(
+            loopback_addr("redis://u:p@127.0.0.1:6380/0", 6379)
+                .unwrap()
+                .port(),
+            6380
+        );
         assert!(loopback_addr("nats://10.0.0.5:4222", 4222).is_none());
     }
 }

@@ -16,7 +16,11 @@ use herald_engine::{
 };
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "herald: campaign push engine on NATS JetStream")]
+#[command(
+    name = "herald",
+    version,
+    about = "herald: campaign push engine on NATS JetStream"
+)]
 struct Cli {
     /// Config file (TOML); default ./herald.toml when present. Env HERALD__SECTION__KEY overrides.
     #[arg(long, global = true, env = "HERALD_CONFIG")]
@@ -151,13 +155,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -175,11 +180,16 @@ async fn campaign(config: Config, command: CampaignCommand) -> anyhow::Result<()
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
             } else {
-                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
             };
-            let body: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
-            let enc = if msgpack { Encoding::MsgPack } else { Encoding::Json };
+            let body: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let enc = if msgpack {
+                Encoding::MsgPack
+            } else {
+                Encoding::Json
+            };
             let reply: Result<CreateCampaignReply, _> = request(
                 &nats,
                 subjects.api_campaign_create(),
@@ -190,7 +200,11 @@ async fn campaign(config: Config, command: CampaignCommand) -> anyhow::Result<()
             .await?;
             match reply {
                 Ok(r) => println!("{}", serde_json::to_string(&r)?),
-                Err(e) => bail!("{}: {}", serde_json::to_value(e.code)?.as_str().unwrap_or("error"), e.message),
+                Err(e) => bail!(
+                    "{}: {}",
+                    serde_json::to_value(e.code)?.as_str().unwrap_or("error"),
+                    e.message
+                ),
             }
         }
         CampaignCommand::Status { id, wait } => loop {

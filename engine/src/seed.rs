@@ -3,7 +3,9 @@
 //! (PostgreSQL's `generate_series`, a recursive CTE on SQLite), a million rows per statement.
 
 use chrono::Utc;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement, Value,
+};
 
 /// Rows inserted per statement.
 const CHUNK: i64 = 1_000_000;
@@ -98,7 +100,10 @@ fn statements(backend: DbBackend, start: i64, end: i64) -> Vec<(String, Vec<Valu
          SELECT g, (g * 13) % 91, 1 + (g * 7) % 5, g % 50, (g * 101) % 1000000, $3, $3 FROM {series}"
     );
     vec![
-        (account, vec![start.into(), end.into(), false.into(), now.into()]),
+        (
+            account,
+            vec![start.into(), end.into(), false.into(), now.into()],
+        ),
         (point, vec![start.into(), end.into(), now.into()]),
         (filter, vec![start.into(), end.into(), now.into()]),
     ]

@@ -20,7 +20,10 @@ async fn raw(env: &TestEnv, subject: String, body: Vec<u8>, msgpack: bool) -> (V
     .await
     .expect("a reply within 5 s")
     .expect("a reply");
-    assert!(started.elapsed() < Duration::from_secs(1), "replied within a second");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "replied within a second"
+    );
     let ct = msg
         .headers
         .as_ref()
@@ -59,11 +62,13 @@ async fn malformed_requests_get_clear_errors_and_the_node_keeps_serving() {
     let env = TestEnv::new("api").await.unwrap();
     env.seed(10).await.unwrap();
     let mut config = env.config.clone();
-    config.providers.set_all(herald_engine::providers::ProviderConfig::Simulated {
-        latency_ms: 0,
-        failure_rate: 0.0,
-        permanent_failure_rate: 0.0,
-    });
+    config
+        .providers
+        .set_all(herald_engine::providers::ProviderConfig::Simulated {
+            latency_ms: 0,
+            failure_rate: 0.0,
+            permanent_failure_rate: 0.0,
+        });
     let engine = Engine::start(config).await.unwrap();
     let create = env.subjects().api_campaign_create();
 
@@ -75,9 +80,18 @@ async fn malformed_requests_get_clear_errors_and_the_node_keeps_serving() {
         (without("ends_at"), "ends_at: missing field"),
         (with("name", json!(42)), "name: invalid type"),
         (with("starts_at", json!("yesterday")), "starts_at:"),
-        (with("ends_at", json!("2026-11-20T00:00:00Z")), "ends_at: must be after starts_at"),
-        (with("inform_type", json!("pigeon")), "inform_type: unknown variant `pigeon`"),
-        (with("kind", json!("lottery")), "kind: unknown variant `lottery`"),
+        (
+            with("ends_at", json!("2026-11-20T00:00:00Z")),
+            "ends_at: must be after starts_at",
+        ),
+        (
+            with("inform_type", json!("pigeon")),
+            "inform_type: unknown variant `pigeon`",
+        ),
+        (
+            with("kind", json!("lottery")),
+            "kind: unknown variant `lottery`",
+        ),
         (with("title", json!("  ")), "title: must not be empty"),
         (with("body", json!("x".repeat(5000))), "body: too long"),
         (with("audience", json!({"type":"martians"})), "audience"),
@@ -92,7 +106,10 @@ async fn malformed_requests_get_clear_errors_and_the_node_keeps_serving() {
         assert!(
             message.contains(expected),
             "for {}: expected {expected:?} in {message:?}",
-            String::from_utf8_lossy(&body).chars().take(80).collect::<String>()
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(80)
+                .collect::<String>()
         );
     }
 
@@ -102,31 +119,87 @@ async fn malformed_requests_get_clear_errors_and_the_node_keeps_serving() {
     assert_eq!(v["error"]["code"], json!("invalid_request"));
     let mut bad = good();
     bad["title"] = json!(7);
-    let (v, _) = raw(&env, create.clone(), rmp_serde::to_vec_named(&bad).unwrap(), true).await;
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("title: invalid type"), "{v}");
-    let (v, ct) = raw(&env, create.clone(), rmp_serde::to_vec_named(&good()).unwrap(), true).await;
+    let (v, _) = raw(
+        &env,
+        create.clone(),
+        rmp_serde::to_vec_named(&bad).unwrap(),
+        true,
+    )
+    .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("title: invalid type"),
+        "{v}"
+    );
+    let (v, ct) = raw(
+        &env,
+        create.clone(),
+        rmp_serde::to_vec_named(&good()).unwrap(),
+        true,
+    )
+    .await;
     assert_eq!(ct, "application/msgpack");
     assert_eq!(v["ok"], json!(true), "{v}");
     assert_eq!(v["duplicate"], json!(false));
     let id = v["campaign_id"].as_i64().unwrap();
 
     // After all that the node still serves JSON, and knows the campaign.
-    let (v, _) = raw(&env, create.clone(), serde_json::to_vec(&good()).unwrap(), false).await;
+    let (v, _) = raw(
+        &env,
+        create.clone(),
+        serde_json::to_vec(&good()).unwrap(),
+        false,
+    )
+    .await;
     assert_eq!(v, json!({"ok": true, "campaign_id": id, "duplicate": true}));
-    env.wait_completed(id, Duration::from_secs(60)).await.unwrap();
+    env.wait_completed(id, Duration::from_secs(60))
+        .await
+        .unwrap();
 
     let status = env.subjects().api_campaign_status();
-    let (v, _) = raw(&env, status.clone(), serde_json::to_vec(&json!({"campaign_id": id})).unwrap(), false).await;
+    let (v, _) = raw(
+        &env,
+        status.clone(),
+        serde_json::to_vec(&json!({"campaign_id": id})).unwrap(),
+        false,
+    )
+    .await;
     assert_eq!(v["status"], json!("completed"), "{v}");
-    for key in ["buckets_total", "buckets_done", "recipients", "sent", "skipped", "failed", "started_at", "finished_at"] {
+    for key in [
+        "buckets_total",
+        "buckets_done",
+        "recipients",
+        "sent",
+        "skipped",
+        "failed",
+        "started_at",
+        "finished_at",
+    ] {
         assert!(v.get(key).is_some(), "status has {key}: {v}");
     }
-    assert_eq!((v["recipients"].as_i64(), v["sent"].as_i64()), (Some(10), Some(10)));
-    let (v, _) = raw(&env, status.clone(), serde_json::to_vec(&json!({"campaign_id": 987654})).unwrap(), false).await;
+    assert_eq!(
+        (v["recipients"].as_i64(), v["sent"].as_i64()),
+        (Some(10), Some(10))
+    );
+    let (v, _) = raw(
+        &env,
+        status.clone(),
+        serde_json::to_vec(&json!({"campaign_id": 987654})).unwrap(),
+        false,
+    )
+    .await;
     assert_eq!(v["ok"], json!(false));
     assert_eq!(v["error"]["code"], json!("not_found"));
     let (v, _) = raw(&env, status, b"{\"campaign_id\":\"x\"}".to_vec(), false).await;
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("campaign_id: invalid type"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("campaign_id: invalid type"),
+        "{v}"
+    );
 
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();

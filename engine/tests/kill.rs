@@ -86,7 +86,10 @@ async fn node_killed_mid_campaign_loses_no_user() {
     }
     let reply = reply.expect("the node answered");
     assert!(
-        wait_until(Duration::from_secs(60), || async { sink.delivered_total() >= 3_000 }).await,
+        wait_until(Duration::from_secs(60), || async {
+            sink.delivered_total() >= 3_000
+        })
+        .await,
         "the campaign got going"
     );
     first.kill(); // SIGKILL: nothing is drained or acked
@@ -100,12 +103,18 @@ async fn node_killed_mid_campaign_loses_no_user() {
         .unwrap();
     second.kill();
 
-    assert!(sink.missing(reply.campaign_id, 1..=USERS).is_empty(), "no user lost");
+    assert!(
+        sink.missing(reply.campaign_id, 1..=USERS).is_empty(),
+        "no user lost"
+    );
     assert_eq!(sink.distinct(), USERS as u64);
     // In flight at the kill: at most push concurrency (8) batches of 100 recipients.
     let repeats = sink.duplicates();
     eprintln!("kill -9 at {at_kill} delivered: {repeats} repeated Idempotency-Keys");
-    assert!(repeats <= 800, "repeats bounded by the in-flight window: {repeats}");
+    assert!(
+        repeats <= 800,
+        "repeats bounded by the in-flight window: {repeats}"
+    );
     assert_eq!(s.recipients, USERS);
     assert_eq!(s.sent + s.skipped, USERS);
     assert_eq!(s.failed, 0);

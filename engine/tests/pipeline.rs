@@ -60,7 +60,10 @@ async fn ten_thousand_users_get_exactly_one_push_each() {
     assert_eq!(ledger.duplicates(), 0);
     assert!(ledger.missing(reply.campaign_id, 1..=10_000).is_empty());
     assert_eq!((s.buckets_total, s.buckets_done), (10, 10));
-    assert_eq!((s.recipients, s.sent, s.skipped, s.failed), (10_000, 10_000, 0, 0));
+    assert_eq!(
+        (s.recipients, s.sent, s.skipped, s.failed),
+        (10_000, 10_000, 0, 0)
+    );
     assert!(s.started_at.is_some() && s.finished_at.is_some());
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
@@ -88,11 +91,17 @@ async fn webhook_delivers_exactly_once_through_429_and_503() {
     let reply = env.create(&promo("flaky gateway")).await.unwrap().unwrap();
     let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
 
-    assert!(sink.failures_503() > 0 && sink.failures_429() > 0, "failures were injected");
+    assert!(
+        sink.failures_503() > 0 && sink.failures_429() > 0,
+        "failures were injected"
+    );
     assert_eq!(sink.delivered_total(), 5_000, "successful pushes");
     assert_eq!(sink.duplicates(), 0);
     assert!(sink.missing(reply.campaign_id, 1..=5_000).is_empty());
-    assert_eq!((s.recipients, s.sent, s.skipped, s.failed), (5_000, 5_000, 0, 0));
+    assert_eq!(
+        (s.recipients, s.sent, s.skipped, s.failed),
+        (5_000, 5_000, 0, 0)
+    );
     engine.shutdown().await.unwrap();
     sink.shutdown().await;
     env.cleanup().await.unwrap();
@@ -121,7 +130,11 @@ async fn permanent_4xx_is_recorded_as_failed_and_not_retried() {
     let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
 
     assert_eq!((s.recipients, s.sent, s.failed), (1_000, 997, 3));
-    assert_eq!(sink.rejected(), 3, "each rejected user was tried once, not retried");
+    assert_eq!(
+        sink.rejected(),
+        3,
+        "each rejected user was tried once, not retried"
+    );
     assert_eq!(sink.delivered_total(), 997);
     #[derive(FromQueryResult)]
     struct Failure {
@@ -130,13 +143,22 @@ async fn permanent_4xx_is_recorded_as_failed_and_not_retried() {
     }
     let rows = Failure::find_by_statement(Statement::from_string(
         env.db.get_database_backend(),
-        format!("SELECT user_id, reason FROM campaign_failure WHERE campaign_id = {} ORDER BY user_id", reply.campaign_id),
+        format!(
+            "SELECT user_id, reason FROM campaign_failure WHERE campaign_id = {} ORDER BY user_id",
+            reply.campaign_id
+        ),
     ))
     .all(&env.db)
     .await
     .unwrap();
-    assert_eq!(rows.iter().map(|r| r.user_id).collect::<Vec<_>>(), vec![5, 17, 999]);
-    assert!(rows.iter().all(|r| r.reason.contains("400")), "reason names the status");
+    assert_eq!(
+        rows.iter().map(|r| r.user_id).collect::<Vec<_>>(),
+        vec![5, 17, 999]
+    );
+    assert!(
+        rows.iter().all(|r| r.reason.contains("400")),
+        "reason names the status"
+    );
     engine.shutdown().await.unwrap();
     sink.shutdown().await;
     env.cleanup().await.unwrap();
@@ -175,7 +197,10 @@ async fn duplicate_request_sends_nothing_more() {
     .await
     .unwrap()
     .unwrap();
-    assert_eq!((third.campaign_id, third.duplicate), (first.campaign_id, true));
+    assert_eq!(
+        (third.campaign_id, third.duplicate),
+        (first.campaign_id, true)
+    );
 
     // Re-announcing the campaign (a duplicate CampaignCreated) sends nothing either.
     herald_actors::sharder::announce(
@@ -240,8 +265,14 @@ async fn poison_messages_are_dead_lettered_and_do_not_block() {
         assert!(!letter.payload.is_empty(), "the original payload is kept");
     }
     reasons.sort();
-    assert!(reasons[0].starts_with("undecodable BucketTask"), "{reasons:?}");
-    assert!(reasons[1].starts_with("undecodable PushBatch"), "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("undecodable BucketTask"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].starts_with("undecodable PushBatch"),
+        "{reasons:?}"
+    );
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }
@@ -282,7 +313,10 @@ async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
     assert_eq!(ledger.duplicates(), 0, "no user got two pushes");
     assert_eq!(ledger.total(), 10_000);
     assert_eq!(s.sent + s.skipped, 10_000);
-    assert_eq!(s.sent, 10_000, "sent counts each user once across both runs");
+    assert_eq!(
+        s.sent, 10_000,
+        "sent counts each user once across both runs"
+    );
     second.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }

@@ -137,9 +137,19 @@ where
                     delivered: info.delivered,
                     stream_sequence: info.stream_sequence,
                 };
-                let outcome = with_progress(&msg, settings.ack_wait, handler(delivery.clone())).await;
-                settle(&js, &subjects, &stream_name, &durable, &settings, &msg, &delivery, outcome)
-                    .await;
+                let outcome =
+                    with_progress(&msg, settings.ack_wait, handler(delivery.clone())).await;
+                settle(
+                    &js,
+                    &subjects,
+                    &stream_name,
+                    &durable,
+                    &settings,
+                    &msg,
+                    &delivery,
+                    outcome,
+                )
+                .await;
             }
         })
         .await;
@@ -240,7 +250,9 @@ async fn dead_letter(
         Ok(()) => msg.ack_with(AckKind::Term).await.map_err(|e| e.to_string()),
         Err(e) => {
             // Keep the message rather than lose it; it comes back later.
-            let _ = msg.ack_with(AckKind::Nak(Some(dead_letter_retry_delay()))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(dead_letter_retry_delay())))
+                .await;
             Err(format!("dead letter publish failed: {e}"))
         }
     }

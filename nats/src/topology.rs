@@ -145,12 +145,18 @@ impl Topology {
         match self.js.delete_consumer_from_stream(durable, stream).await {
             Ok(_) => Ok(()),
             Err(e) if e.to_string().contains("not found") => Ok(()),
-            Err(e) => Err(NatsError::Topology(format!("delete consumer {durable}: {e}"))),
+            Err(e) => Err(NatsError::Topology(format!(
+                "delete consumer {durable}: {e}"
+            ))),
         }
     }
 
     /// Messages not yet delivered plus delivered but unacked, for a consumer (lag).
-    pub async fn consumer_lag(&self, stream: &str, durable: &str) -> Result<(u64, usize), NatsError> {
+    pub async fn consumer_lag(
+        &self,
+        stream: &str,
+        durable: &str,
+    ) -> Result<(u64, usize), NatsError> {
         let stream = self
             .js
             .get_stream(stream)

@@ -384,11 +384,23 @@ mod tests {
         let e = json(&GOOD.replace(r#""title":"Double 11 is on","#, "")).unwrap_err();
         assert_eq!(e.message, "title: missing field");
         let e = json(&GOOD.replace(r#""app""#, r#""fax""#)).unwrap_err();
-        assert!(e.message.starts_with("inform_type: unknown variant `fax`"), "{}", e.message);
+        assert!(
+            e.message.starts_with("inform_type: unknown variant `fax`"),
+            "{}",
+            e.message
+        );
         let e = json(&GOOD.replace(r#""promotion""#, r#""lottery""#)).unwrap_err();
-        assert!(e.message.starts_with("kind: unknown variant"), "{}", e.message);
+        assert!(
+            e.message.starts_with("kind: unknown variant"),
+            "{}",
+            e.message
+        );
         let e = json(&GOOD.replace(r#""ops-7""#, "7")).unwrap_err();
-        assert!(e.message.starts_with("created_by: invalid type"), "{}", e.message);
+        assert!(
+            e.message.starts_with("created_by: invalid type"),
+            "{}",
+            e.message
+        );
         let e = json(&GOOD.replace("2026-11-28", "2026-11-20")).unwrap_err();
         assert_eq!(e.message, "ends_at: must be after starts_at");
         let e = json(&GOOD.replace("Double 11 is on", "")).unwrap_err();
@@ -409,8 +421,8 @@ mod tests {
         let bytes = crate::encode(&r).unwrap();
         let back: CreateCampaignRequest = parse_request(Encoding::MsgPack, &bytes).unwrap();
         assert_eq!(back, r);
-        let e = parse_request::<CreateCampaignRequest>(Encoding::MsgPack, &[0xc1, 0x00])
-            .unwrap_err();
+        let e =
+            parse_request::<CreateCampaignRequest>(Encoding::MsgPack, &[0xc1, 0x00]).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         let e = parse_request::<CampaignStatusRequest>(
             Encoding::MsgPack,

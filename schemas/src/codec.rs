@@ -39,7 +39,10 @@ impl Encoding {
     /// The encoding named by a `Content-Type` header value (JSON when absent or unknown).
     pub fn from_content_type(value: Option<&str>) -> Self {
         match value.map(|v| v.trim().to_ascii_lowercase()) {
-            Some(v) if v.starts_with("application/msgpack") || v.starts_with("application/x-msgpack") => {
+            Some(v)
+                if v.starts_with("application/msgpack")
+                    || v.starts_with("application/x-msgpack") =>
+            {
                 Self::MsgPack
             }
             _ => Self::Json,

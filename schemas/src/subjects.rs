@@ -21,7 +21,11 @@ impl Subjects {
     }
 
     fn stream(&self, name: &str) -> String {
-        format!("{}_{}", self.prefix.to_ascii_uppercase().replace(['.', '-'], "_"), name)
+        format!(
+            "{}_{}",
+            self.prefix.to_ascii_uppercase().replace(['.', '-'], "_"),
+            name
+        )
     }
 
     /// Request subject: create a campaign.

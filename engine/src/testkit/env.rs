@@ -66,7 +66,10 @@ impl TestEnv {
             ))
             .await?;
         admin.close().await?;
-        let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(&admin_url);
         let mut config = Config::default();
         config.nats.prefix = prefix.clone();
         config.database.url = format!("{base}/{db_name}");
@@ -184,7 +187,13 @@ impl TestEnv {
                 let (next, keys): (String, Vec<String>) = redis
                     .custom(
                         fred::cmd!("SCAN"),
-                        vec![cursor.clone(), "MATCH".into(), format!("{}:*", self.prefix), "COUNT".into(), "1000".into()],
+                        vec![
+                            cursor.clone(),
+                            "MATCH".into(),
+                            format!("{}:*", self.prefix),
+                            "COUNT".into(),
+                            "1000".into(),
+                        ],
                     )
                     .await?;
                 if !keys.is_empty() {

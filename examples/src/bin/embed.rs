@@ -62,15 +62,23 @@ async fn main() -> anyhow::Result<()> {
         "inform_type": "app", "title": "Hello", "body": "From an embedded herald",
         "audience": {"type": "all"}
     });
-    let created: CreateCampaignReply = request(&nats, subjects.api_campaign_create(), Encoding::Json, &req, Duration::from_secs(5))
-        .await?
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let created: CreateCampaignReply = request(
+        &nats,
+        subjects.api_campaign_create(),
+        Encoding::Json,
+        &req,
+        Duration::from_secs(5),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!(e.message))?;
     loop {
         let s: CampaignStatusReply = request(
             &nats,
             subjects.api_campaign_status(),
             Encoding::Json,
-            &CampaignStatusRequest { campaign_id: created.campaign_id },
+            &CampaignStatusRequest {
+                campaign_id: created.campaign_id,
+            },
             Duration::from_secs(5),
         )
         .await?
