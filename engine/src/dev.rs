@@ -117,7 +117,10 @@ async fn ensure_server(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("{name}: started on {addr} (pid {:?})", server.child.id());
+    println!(
+        "{name}: started on {addr} (pid {})",
+        server.child.id().unwrap_or_default()
+    );
     Ok(Some(server))
 }
 

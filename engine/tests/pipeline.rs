@@ -320,3 +320,56 @@ async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
     second.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_campaign_reaches_exactly_the_segment() {
+    let env = TestEnv::new("segment").await.unwrap();
+    env.seed(5_000).await.unwrap();
+    let provider = simulated(0);
+    let ledger = provider.ledger();
+    let engine = Engine::builder(env.config.clone())
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+    let mut req = promo("gold members");
+    req.audience = Audience::Segment(herald_engine::schemas::SegmentFilter {
+        member_levels: Some(vec![3, 4, 5]),
+        min_points: Some(1000),
+        min_active_days: Some(30),
+    });
+    let reply = env.create(&req).await.unwrap().unwrap();
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+
+    #[derive(FromQueryResult)]
+    struct Id {
+        id: i64,
+    }
+    let expected: Vec<i64> = Id::find_by_statement(Statement::from_string(
+        env.db.get_database_backend(),
+        "SELECT a.id FROM membership_account a \
+         JOIN membership_point p ON p.account_id = a.id \
+         JOIN membership_filter f ON f.account_id = a.id \
+         WHERE p.member_level IN (3, 4, 5) AND p.member_point >= 1000 AND f.active_days >= 30 \
+         ORDER BY a.id",
+    ))
+    .all(&env.db)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| r.id)
+    .collect();
+    assert!(
+        expected.len() > 100 && expected.len() < 5_000,
+        "a real subset: {}",
+        expected.len()
+    );
+    assert_eq!(s.recipients, expected.len() as i64);
+    assert_eq!(ledger.total(), expected.len() as u64);
+    assert!(ledger
+        .missing(reply.campaign_id, expected.iter().copied())
+        .is_empty());
+    assert_eq!(ledger.duplicates(), 0);
+    engine.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
