@@ -1,0 +1,160 @@
+//! The reference design's shape, for comparison: one JetStream message per user, and a
+//! per-user string marker read with GET and written with SET after the send (check-then-set,
+//! one Redis round trip each). Same provider, same servers, same machine.
+
+use std::{sync::Arc, time::Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use fred::{
+    clients::Client,
+    interfaces::{ClientLike, KeysInterface},
+};
+use futures::StreamExt;
+use herald_engine::{
+    providers::{Ledger, SimulatedConfig, SimulatedProvider},
+    schemas::InformType,
+    Provider, Push,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct UserMessage {
+    campaign_id: i64,
+    user_id: i64,
+    title: String,
+    body: String,
+}
+
+/// What the baseline run measured.
+pub struct BaselineResult {
+    pub users: u64,
+    pub seconds: f64,
+    pub ledger: Ledger,
+}
+
+pub async fn run(
+    nats: &async_nats::Client,
+    redis_url: &str,
+    prefix: &str,
+    users: i64,
+    latency_ms: u64,
+    concurrency: usize,
+) -> anyhow::Result<BaselineResult> {
+    let js = jetstream::new(nats.clone());
+    let name = format!("{}_BASELINE", prefix.to_ascii_uppercase());
+    let subject = format!("{prefix}.baseline.users");
+    let _ = js.delete_stream(&name).await;
+    let st = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await?;
+    let consumer = st
+        .create_consumer(pull::Config {
+            durable_name: Some("baseline".into()),
+            ack_wait: std::time::Duration::from_secs(60),
+            max_ack_pending: concurrency as i64 * 2,
+            ..Default::default()
+        })
+        .await?;
+    let redis = herald_actors::markers::connect(redis_url, std::time::Duration::from_secs(10)).await?;
+    let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
+        latency_ms,
+        failure_rate: 0.0,
+        permanent_failure_rate: 0.0,
+    }));
+    let ledger = provider.ledger();
+    let started = Instant::now();
+
+    // Producer: one message per user, acks awaited in windows of 1000.
+    let producer = {
+        let js = js.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move {
+            let mut acks = Vec::with_capacity(1000);
+            for user_id in 1..=users {
+                let m = UserMessage {
+                    campaign_id: 1,
+                    user_id,
+                    title: "Double 11 is on".into(),
+                    body: "Open the app for your deal".into(),
+                };
+                let payload = rmp_serde::to_vec_named(&m)?;
+                acks.push(js.publish(subject.clone(), payload.into()).await?);
+                if acks.len() == 1000 {
+                    for a in acks.drain(..) {
+                        a.await?;
+                    }
+                }
+            }
+            for a in acks {
+                a.await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let mut messages = consumer.messages().await?.take(users as usize);
+    let key_prefix = format!("{prefix}:baseline");
+    let handled = futures::stream::poll_fn(|cx| messages.poll_next_unpin(cx))
+        .map(|m| {
+            let redis: Client = redis.clone();
+            let provider = provider.clone();
+            let key_prefix = key_prefix.clone();
+            async move {
+                let m = m?;
+                let u: UserMessage = rmp_serde::from_slice(&m.payload)?;
+                let key = format!("{key_prefix}:{}:{}", u.campaign_id, u.user_id);
+                let seen: Option<String> = redis.get(&key).await?;
+                if seen.is_none() {
+                    let push = Push {
+                        campaign_id: u.campaign_id,
+                        user_id: u.user_id,
+                        channel: InformType::App,
+                        title: u.title.into(),
+                        body: u.body.into(),
+                    };
+                    let _ = provider.send(&push).await;
+                    let _: () = redis.set(&key, "1", None, None, false).await?;
+                }
+                m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .fold(0u64, |n, r| async move {
+            if let Err(e) = r {
+                eprintln!("baseline: {e:#}");
+            }
+            n + 1
+        })
+        .await;
+    producer.await??;
+    let seconds = started.elapsed().as_secs_f64();
+    // Clean up: the stream and the per-user keys.
+    let _ = js.delete_stream(&name).await;
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, keys): (String, Vec<String>) = redis
+            .custom(
+                fred::cmd!("SCAN"),
+                vec![cursor, "MATCH".into(), format!("{key_prefix}:*"), "COUNT".into(), "10000".into()],
+            )
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = redis.del(keys).await?;
+        }
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    let _ = redis.quit().await;
+    Ok(BaselineResult {
+        users: handled,
+        seconds,
+        ledger,
+    })
+}

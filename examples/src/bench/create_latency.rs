@@ -1,0 +1,59 @@
+//! Latency of `campaign.create` under concurrent requesters, each sending its requests one
+//! after another. The campaigns target an empty segment so the fan-out is trivial.
+
+use std::time::{Duration, Instant};
+
+use herald_engine::schemas::Subjects;
+
+/// Sorted latencies.
+pub struct Latencies(pub Vec<Duration>);
+
+impl Latencies {
+    /// The q-quantile (0..=1).
+    pub fn quantile(&self, q: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.0.len() - 1) as f64 * q).round() as usize;
+        self.0[i]
+    }
+}
+
+pub async fn run(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    requesters: usize,
+    per_requester: usize,
+) -> anyhow::Result<Latencies> {
+    let run_id = std::process::id();
+    let mut tasks = Vec::new();
+    for r in 0..requesters {
+        let nats = nats.clone();
+        let subject = subjects.api_campaign_create();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per_requester);
+            for i in 0..per_requester {
+                let body = serde_json::json!({
+                    "kind": "promotion", "name": format!("latency {run_id} {r} {i}"),
+                    "created_by": "bench", "starts_at": "2026-11-21T00:00:00Z",
+                    "ends_at": "2026-11-28T00:00:00Z", "inform_type": "app",
+                    "title": "t", "body": "b",
+                    "audience": {"type": "segment", "min_points": 1_000_000_000}
+                });
+                let payload = serde_json::to_vec(&body)?;
+                let t = Instant::now();
+                let reply = nats.request(subject.clone(), payload.into()).await?;
+                out.push(t.elapsed());
+                let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+                anyhow::ensure!(v["ok"] == serde_json::json!(true), "create failed: {v}");
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut all = Vec::with_capacity(requesters * per_requester);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    all.sort();
+    Ok(Latencies(all))
+}

@@ -1,0 +1,249 @@
+//! herald's benchmark: the real pipeline on the real NATS, Redis and PostgreSQL, with the
+//! simulated provider. All scenarios run in one process, one after another, so their ratios
+//! hold on a noisy machine. Prints a table and one JSON line. See BENCHMARKS.md.
+//!
+//! ```text
+//! cargo run --release -p herald-examples --bin bench -- --users 1000000
+//! ```
+
+#[path = "../bench/baseline.rs"]
+mod baseline;
+#[path = "../bench/ceiling.rs"]
+mod ceiling;
+#[path = "../bench/create_latency.rs"]
+mod create_latency;
+#[path = "../bench/proc.rs"]
+mod proc;
+
+use std::{sync::Arc, time::Instant};
+
+use clap::Parser;
+use fred::interfaces::ClientLike;
+use herald_engine::{
+    config::Config,
+    providers::{SimulatedConfig, SimulatedProvider},
+    schemas::{Audience, CampaignKind, CreateCampaignRequest, InformType},
+    testkit::TestEnv,
+    Engine,
+};
+use serde_json::json;
+
+#[derive(Parser, Clone)]
+#[command(about = "Benchmark herald's pipeline against the reference design's shape and the bus")]
+struct Args {
+    /// Users in the full-population push.
+    #[arg(long, default_value_t = 1_000_000)]
+    users: i64,
+    /// Provider latency in milliseconds for the main scenario.
+    #[arg(long, default_value_t = 200)]
+    latency_ms: u64,
+    /// Users in the baseline runs (default: the smaller of --users and 200,000).
+    #[arg(long)]
+    baseline_users: Option<i64>,
+    /// Push batches one node handles at once (pipeline.push.concurrency).
+    #[arg(long, default_value_t = 300)]
+    push_concurrency: usize,
+    /// Provider calls in flight (pipeline.send_concurrency).
+    #[arg(long, default_value_t = 40_000)]
+    send_concurrency: usize,
+    /// Concurrent requesters in the create-latency scenario.
+    #[arg(long, default_value_t = 100)]
+    requesters: usize,
+    /// Requests per requester.
+    #[arg(long, default_value_t = 20)]
+    requests_each: usize,
+    /// Skip the baseline scenarios.
+    #[arg(long)]
+    skip_baseline: bool,
+}
+
+struct PushResult {
+    seconds: f64,
+    cpu: f64,
+    peak_rss: u64,
+    redis_added: i64,
+    sent: i64,
+    duplicates: u64,
+    missing: usize,
+}
+
+async fn redis_used_memory(url: &str) -> anyhow::Result<i64> {
+    let c = herald_actors::markers::connect(url, std::time::Duration::from_secs(5)).await?;
+    let info: String = c.info(Some(fred::types::InfoKind::Memory)).await?;
+    let _ = c.quit().await;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+fn bench_config(env: &TestEnv, args: &Args) -> Config {
+    let mut c = env.config.clone();
+    c.pipeline.push.concurrency = args.push_concurrency;
+    c.pipeline.push.max_ack_pending = (args.push_concurrency * 2) as i64;
+    c.pipeline.push.ack_wait_secs = 30;
+    c.pipeline.expand.ack_wait_secs = 30;
+    c.pipeline.shard.ack_wait_secs = 30;
+    c.pipeline.send_concurrency = args.send_concurrency;
+    c.pipeline.claim_ttl_secs = 60;
+    c.pipeline.progress_interval_ms = 250;
+    c.database.max_connections = 16;
+    c
+}
+
+async fn push(env: &TestEnv, args: &Args, name: &str, latency_ms: u64) -> anyhow::Result<PushResult> {
+    let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
+        latency_ms,
+        failure_rate: 0.0,
+        permanent_failure_rate: 0.0,
+    }));
+    let ledger = provider.ledger();
+    let engine = Engine::builder(bench_config(env, args))
+        .provider_for_all(provider)
+        .start()
+        .await?;
+    let redis_before = redis_used_memory(&env.config.redis.url).await?;
+    proc::reset_peak_rss();
+    let cpu0 = proc::cpu_seconds();
+    let t0 = Instant::now();
+    let now = chrono::Utc::now();
+    let req = CreateCampaignRequest {
+        kind: CampaignKind::Promotion,
+        name: format!("bench {name}"),
+        created_by: "bench".into(),
+        starts_at: now,
+        ends_at: now + chrono::Duration::days(1),
+        inform_type: InformType::App,
+        title: "Double 11 is on".into(),
+        body: "Open the app for your deal".into(),
+        audience: Audience::All,
+    };
+    let reply = env.create(&req).await?.map_err(|e| anyhow::anyhow!(e.message))?;
+    let status = env
+        .wait_completed(reply.campaign_id, std::time::Duration::from_secs(3600))
+        .await?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu = proc::cpu_seconds() - cpu0;
+    let peak_rss = proc::peak_rss();
+    let redis_added = redis_used_memory(&env.config.redis.url).await? - redis_before;
+    let missing = ledger.missing(reply.campaign_id, 1..=args.users).len();
+    engine.shutdown().await?;
+    Ok(PushResult {
+        seconds,
+        cpu,
+        peak_rss,
+        redis_added,
+        sent: status.sent,
+        duplicates: ledger.duplicates(),
+        missing,
+    })
+}
+
+fn mb(b: i64) -> f64 {
+    b as f64 / 1_048_576.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_env_filter("warn").with_writer(std::io::stderr).init();
+    let env = TestEnv::new("bench").await?;
+    let t = Instant::now();
+    env.seed(args.users).await?;
+    let seed_secs = t.elapsed().as_secs_f64();
+    eprintln!("seeded {} users in {seed_secs:.1}s", args.users);
+
+    eprintln!("push with {} ms provider latency ...", args.latency_ms);
+    let slow = push(&env, &args, "latency", args.latency_ms).await?;
+    eprintln!("push with 0 ms provider latency ...");
+    let fast = push(&env, &args, "zero", 0).await?;
+
+    let base_users = args.baseline_users.unwrap_or(args.users.min(200_000));
+    let baseline = if args.skip_baseline {
+        None
+    } else {
+        eprintln!("baseline (one message and GET+SET per user), {base_users} users ...");
+        let in_flight = args.push_concurrency * 100;
+        let slow_b = baseline::run(&env.nats, &env.config.redis.url, &env.prefix, base_users, args.latency_ms, in_flight.min(args.send_concurrency)).await?;
+        let fast_b = baseline::run(&env.nats, &env.config.redis.url, &env.prefix, base_users, 0, in_flight.min(args.send_concurrency)).await?;
+        Some((slow_b, fast_b))
+    };
+
+    eprintln!("create latency, {} requesters x {} ...", args.requesters, args.requests_each);
+    let engine = Engine::builder(bench_config(&env, &args)).start().await?;
+    let lat = create_latency::run(&env.nats, &env.subjects(), args.requesters, args.requests_each).await?;
+    engine.shutdown().await?;
+
+    eprintln!("ceiling: raw JetStream publish + consume ...");
+    let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
+
+    let n = args.users as f64;
+    let rate = |secs: f64, users: f64| users / secs.max(1e-9);
+    println!();
+    println!("herald benchmark: {} users, {} cores", args.users, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!("{:<34} {:>10} {:>12} {:>9} {:>10} {:>11} {:>6} {:>6}", "scenario", "seconds", "users/s", "cpu s", "peak RSS", "redis add", "dups", "miss");
+    for (label, r) in [
+        (format!("push, provider {} ms", args.latency_ms), &slow),
+        ("push, provider 0 ms".to_string(), &fast),
+    ] {
+        println!(
+            "{:<34} {:>10.1} {:>12.0} {:>9.1} {:>8.1}MB {:>9.2}MB {:>6} {:>6}",
+            label, r.seconds, rate(r.seconds, r.sent as f64), r.cpu, mb(r.peak_rss as i64), mb(r.redis_added), r.duplicates, r.missing
+        );
+    }
+    let mut json_baseline = json!(null);
+    if let Some((b200, b0)) = &baseline {
+        for (label, b, ours) in [
+            (format!("baseline, provider {} ms", args.latency_ms), b200, &slow),
+            ("baseline, provider 0 ms".to_string(), b0, &fast),
+        ] {
+            let br = rate(b.seconds, b.users as f64);
+            println!(
+                "{:<34} {:>10.1} {:>12.0}   herald is {:.1}x  ({} users, {} dups)",
+                label,
+                b.seconds,
+                br,
+                rate(ours.seconds, ours.sent as f64) / br,
+                b.users,
+                b.ledger.duplicates()
+            );
+        }
+        json_baseline = json!({
+            "users": base_users,
+            "latency_users_per_s": rate(b200.seconds, b200.users as f64),
+            "zero_users_per_s": rate(b0.seconds, b0.users as f64),
+            "ratio_latency": rate(slow.seconds, slow.sent as f64) / rate(b200.seconds, b200.users as f64),
+            "ratio_zero": rate(fast.seconds, fast.sent as f64) / rate(b0.seconds, b0.users as f64),
+        });
+    }
+    println!(
+        "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
+        "create latency",
+        lat.quantile(0.5).as_secs_f64() * 1e3,
+        lat.quantile(0.99).as_secs_f64() * 1e3,
+        lat.quantile(1.0).as_secs_f64() * 1e3,
+        lat.0.len()
+    );
+    println!(
+        "{:<34} {:>10.1} {:>12.0}   ({} msgs of {} B, {:.0} msgs/s)",
+        "ceiling: raw JetStream pub+sub",
+        ceil.seconds,
+        rate(ceil.seconds, n),
+        ceil.messages,
+        ceil.bytes_per_message,
+        rate(ceil.seconds, ceil.messages as f64)
+    );
+    let line = json!({
+        "users": args.users,
+        "seed_seconds": seed_secs,
+        "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": rate(slow.seconds, slow.sent as f64), "cpu_seconds": slow.cpu, "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
+        "push_zero": {"seconds": fast.seconds, "users_per_s": rate(fast.seconds, fast.sent as f64), "cpu_seconds": fast.cpu, "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
+        "baseline": json_baseline,
+        "create_latency_ms": {"p50": lat.quantile(0.5).as_secs_f64() * 1e3, "p99": lat.quantile(0.99).as_secs_f64() * 1e3, "requests": lat.0.len()},
+        "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
+    });
+    println!("{line}");
+    env.cleanup().await?;
+    Ok(())
+}
