@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use fred::{
     clients::Client,
-    interfaces::{ClientLike, KeysInterface, LuaInterface},
+    interfaces::{ClientLike, HashesInterface, KeysInterface, LuaInterface},
     prelude::{Builder, Config, ReconnectPolicy},
     types::scripts::Script,
 };
@@ -237,6 +237,19 @@ impl Markers {
         let _: i64 = self
             .release
             .evalsha_with_reload(&self.client, keys, vec![token.to_string()])
+            .await?;
+        Ok(())
+    }
+
+    /// Drops a finished batch's running totals: once the batch is recorded in the database
+    /// they are never read again, and keeping them would grow Redis with the campaign.
+    pub async fn forget_batch(&self, campaign: i64, batch_field: &str) -> Result<(), MarkerError> {
+        let _: i64 = self
+            .client
+            .hdel(
+                self.progress_key(campaign),
+                vec![format!("{batch_field}:s"), format!("{batch_field}:f")],
+            )
             .await?;
         Ok(())
     }

@@ -189,6 +189,9 @@ impl PushSender {
                 .map_err(|e| e.to_string())
         })
         .await?;
+        if let Err(e) = markers.forget_batch(cid, &field).await {
+            tracing::debug!(campaign_id = cid, error = %e, "dropping batch totals failed; they expire");
+        }
         Ok(Outcome::Done)
     }
 }

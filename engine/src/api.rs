@@ -4,7 +4,8 @@
 //! serves in one queue group, so requests spread over the nodes.
 //!
 //! A create is validated, deduplicated (Redis for the window, the database as the fallback
-//! when Redis has lost its data), inserted, announced on the campaigns stream, and answered.
+//! when Redis has lost its data), inserted, answered, and then announced on the campaigns
+//! stream.
 
 use std::{sync::Arc, time::Duration};
 
@@ -220,7 +221,10 @@ impl ApiService {
             )
             .await;
         if !duplicate {
-            herald_actors::sharder::announce(&self.js, &self.subjects, id).await;
+            // Announced after the reply goes out: the row is the record, and a lost
+            // announcement is repeated by the node that finds the pending campaign.
+            let (js, subjects) = (self.js.clone(), self.subjects.clone());
+            tokio::spawn(async move { herald_actors::sharder::announce(&js, &subjects, id).await });
             tracing::info!(campaign_id = id, name = %req.name, "campaign created");
         }
         Ok(CreateCampaignReply {

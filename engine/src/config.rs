@@ -32,11 +32,22 @@ pub struct Config {
 }
 
 /// This node.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Node id in logs and claim tokens; empty = hostname and process id.
     pub id: String,
+    /// Run campaign fan-out on this node; false makes an API-only node.
+    pub run_pipeline: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            run_pipeline: true,
+        }
+    }
 }
 
 /// NATS and JetStream.
@@ -121,6 +132,8 @@ pub struct ApiConfig {
     pub dedupe_window_secs: u64,
     /// Requests handled at once on this node.
     pub max_in_flight: usize,
+    /// Database connections reserved for the API, so fan-out work cannot starve it.
+    pub db_connections: u32,
 }
 
 impl Default for ApiConfig {
@@ -129,6 +142,7 @@ impl Default for ApiConfig {
             enabled: true,
             dedupe_window_secs: 30 * 60,
             max_in_flight: 256,
+            db_connections: 4,
         }
     }
 }

@@ -26,8 +26,7 @@ use crate::{api::ApiService, config::Config};
 /// A running herald node.
 pub struct Engine {
     shared: Arc<Shared>,
-    root: ActorRef<RootMsg>,
-    root_handle: JoinHandle<()>,
+    root: Option<(ActorRef<RootMsg>, JoinHandle<()>)>,
     api: Option<JoinHandle<()>>,
     stop: CancellationToken,
 }
@@ -194,11 +193,12 @@ impl Engine {
         );
         let stop = CancellationToken::new();
         let api = if config.api.enabled {
+            let api_db = connect_db(&config.database.url, config.api.db_connections.max(1)).await?;
             let service = ApiService {
                 nats: nats.clone(),
                 js,
                 subjects,
-                store,
+                store: Store::new(api_db),
                 redis,
                 dedupe_window: Duration::from_secs(config.api.dedupe_window_secs),
                 max_in_flight: config.api.max_in_flight,
@@ -207,14 +207,19 @@ impl Engine {
         } else {
             None
         };
-        let (root, root_handle) = Actor::spawn(None, EngineRoot, shared.clone())
-            .await
-            .context("starting the engine root actor")?;
+        let root = if config.node.run_pipeline {
+            Some(
+                Actor::spawn(None, EngineRoot, shared.clone())
+                    .await
+                    .context("starting the engine root actor")?,
+            )
+        } else {
+            None
+        };
         tracing::info!(node = %node_id, "herald node started");
         Ok(Engine {
             shared,
             root,
-            root_handle,
             api,
             stop,
         })
@@ -227,16 +232,21 @@ impl Engine {
 
     /// Ids of the campaigns this node is running.
     pub async fn running_campaigns(&self) -> anyhow::Result<Vec<i64>> {
-        Ok(ractor::call_t!(self.root, RootMsg::Running, 5000)?)
+        match &self.root {
+            Some((root, _)) => Ok(ractor::call_t!(root, RootMsg::Running, 5000)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Stops pulling new work, lets in-flight work settle, stops the API, flushes NATS.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
         let drain = self.shared.settings.push.ack_wait * 4;
-        self.root.stop(Some("shutdown".into()));
-        if tokio::time::timeout(drain, self.root_handle).await.is_err() {
-            tracing::warn!("actors did not stop in time");
+        if let Some((root, handle)) = self.root {
+            root.stop(Some("shutdown".into()));
+            if tokio::time::timeout(drain, handle).await.is_err() {
+                tracing::warn!("actors did not stop in time");
+            }
         }
         if let Some(api) = self.api {
             let _ = tokio::time::timeout(Duration::from_secs(10), api).await;

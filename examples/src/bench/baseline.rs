@@ -59,7 +59,8 @@ pub async fn run(
             ..Default::default()
         })
         .await?;
-    let redis = herald_actors::markers::connect(redis_url, std::time::Duration::from_secs(10)).await?;
+    let redis =
+        herald_actors::markers::connect(redis_url, std::time::Duration::from_secs(10)).await?;
     let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
         latency_ms,
         failure_rate: 0.0,
@@ -140,7 +141,13 @@ pub async fn run(
         let (next, keys): (String, Vec<String>) = redis
             .custom(
                 fred::cmd!("SCAN"),
-                vec![cursor, "MATCH".into(), format!("{key_prefix}:*"), "COUNT".into(), "10000".into()],
+                vec![
+                    cursor,
+                    "MATCH".into(),
+                    format!("{key_prefix}:*"),
+                    "COUNT".into(),
+                    "10000".into(),
+                ],
             )
             .await?;
         if !keys.is_empty() {

@@ -14,7 +14,11 @@ pub struct CeilingResult {
     pub seconds: f64,
 }
 
-pub async fn run(nats: &async_nats::Client, prefix: &str, users: i64) -> anyhow::Result<CeilingResult> {
+pub async fn run(
+    nats: &async_nats::Client,
+    prefix: &str,
+    users: i64,
+) -> anyhow::Result<CeilingResult> {
     let js = jetstream::new(nats.clone());
     let name = format!("{}_CEILING", prefix.to_ascii_uppercase());
     let subject = format!("{prefix}.ceiling");

@@ -55,6 +55,12 @@ struct Args {
     /// Skip the baseline scenarios.
     #[arg(long)]
     skip_baseline: bool,
+    /// Run only the create-latency scenario (for quick iteration).
+    #[arg(long)]
+    only_create: bool,
+    /// With --only-create: measure on an API-only node (no fan-out).
+    #[arg(long)]
+    api_only: bool,
 }
 
 struct PushResult {
@@ -92,7 +98,12 @@ fn bench_config(env: &TestEnv, args: &Args) -> Config {
     c
 }
 
-async fn push(env: &TestEnv, args: &Args, name: &str, latency_ms: u64) -> anyhow::Result<PushResult> {
+async fn push(
+    env: &TestEnv,
+    args: &Args,
+    name: &str,
+    latency_ms: u64,
+) -> anyhow::Result<PushResult> {
     let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
         latency_ms,
         failure_rate: 0.0,
@@ -119,7 +130,10 @@ async fn push(env: &TestEnv, args: &Args, name: &str, latency_ms: u64) -> anyhow
         body: "Open the app for your deal".into(),
         audience: Audience::All,
     };
-    let reply = env.create(&req).await?.map_err(|e| anyhow::anyhow!(e.message))?;
+    let reply = env
+        .create(&req)
+        .await?
+        .map_err(|e| anyhow::anyhow!(e.message))?;
     let status = env
         .wait_completed(reply.campaign_id, std::time::Duration::from_secs(3600))
         .await?;
@@ -147,8 +161,33 @@ fn mb(b: i64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_env_filter("warn").with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .init();
     let env = TestEnv::new("bench").await?;
+    if args.only_create {
+        let mut config = bench_config(&env, &args);
+        config.node.run_pipeline = !args.api_only;
+        let engine = Engine::builder(config).start().await?;
+        let lat = create_latency::run(
+            &env.nats,
+            &env.subjects(),
+            args.requesters,
+            args.requests_each,
+        )
+        .await?;
+        engine.shutdown().await?;
+        println!(
+            "create latency p50 {:.2} ms  p99 {:.2} ms  ({} requesters x {})",
+            lat.quantile(0.5).as_secs_f64() * 1e3,
+            lat.quantile(0.99).as_secs_f64() * 1e3,
+            args.requesters,
+            args.requests_each
+        );
+        env.cleanup().await?;
+        return Ok(());
+    }
     let t = Instant::now();
     env.seed(args.users).await?;
     let seed_secs = t.elapsed().as_secs_f64();
@@ -165,14 +204,51 @@ async fn main() -> anyhow::Result<()> {
     } else {
         eprintln!("baseline (one message and GET+SET per user), {base_users} users ...");
         let in_flight = args.push_concurrency * 100;
-        let slow_b = baseline::run(&env.nats, &env.config.redis.url, &env.prefix, base_users, args.latency_ms, in_flight.min(args.send_concurrency)).await?;
-        let fast_b = baseline::run(&env.nats, &env.config.redis.url, &env.prefix, base_users, 0, in_flight.min(args.send_concurrency)).await?;
+        let slow_b = baseline::run(
+            &env.nats,
+            &env.config.redis.url,
+            &env.prefix,
+            base_users,
+            args.latency_ms,
+            in_flight.min(args.send_concurrency),
+        )
+        .await?;
+        let fast_b = baseline::run(
+            &env.nats,
+            &env.config.redis.url,
+            &env.prefix,
+            base_users,
+            0,
+            in_flight.min(args.send_concurrency),
+        )
+        .await?;
         Some((slow_b, fast_b))
     };
 
-    eprintln!("create latency, {} requesters x {} ...", args.requesters, args.requests_each);
+    eprintln!(
+        "create latency, {} requesters x {} ...",
+        args.requesters, args.requests_each
+    );
     let engine = Engine::builder(bench_config(&env, &args)).start().await?;
-    let lat = create_latency::run(&env.nats, &env.subjects(), args.requesters, args.requests_each).await?;
+    let lat = create_latency::run(
+        &env.nats,
+        &env.subjects(),
+        args.requesters,
+        args.requests_each,
+    )
+    .await?;
+    engine.shutdown().await?;
+    // The same on a node that serves only the API: the request path without fan-out load.
+    let mut api_only = bench_config(&env, &args);
+    api_only.node.run_pipeline = false;
+    let engine = Engine::builder(api_only).start().await?;
+    let lat_api = create_latency::run(
+        &env.nats,
+        &env.subjects(),
+        args.requesters,
+        args.requests_each,
+    )
+    .await?;
     engine.shutdown().await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
@@ -181,21 +257,41 @@ async fn main() -> anyhow::Result<()> {
     let n = args.users as f64;
     let rate = |secs: f64, users: f64| users / secs.max(1e-9);
     println!();
-    println!("herald benchmark: {} users, {} cores", args.users, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("{:<34} {:>10} {:>12} {:>9} {:>10} {:>11} {:>6} {:>6}", "scenario", "seconds", "users/s", "cpu s", "peak RSS", "redis add", "dups", "miss");
+    println!(
+        "herald benchmark: {} users, {} cores",
+        args.users,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{:<34} {:>10} {:>12} {:>9} {:>10} {:>11} {:>6} {:>6}",
+        "scenario", "seconds", "users/s", "cpu s", "peak RSS", "redis add", "dups", "miss"
+    );
     for (label, r) in [
         (format!("push, provider {} ms", args.latency_ms), &slow),
         ("push, provider 0 ms".to_string(), &fast),
     ] {
         println!(
             "{:<34} {:>10.1} {:>12.0} {:>9.1} {:>8.1}MB {:>9.2}MB {:>6} {:>6}",
-            label, r.seconds, rate(r.seconds, r.sent as f64), r.cpu, mb(r.peak_rss as i64), mb(r.redis_added), r.duplicates, r.missing
+            label,
+            r.seconds,
+            rate(r.seconds, r.sent as f64),
+            r.cpu,
+            mb(r.peak_rss as i64),
+            mb(r.redis_added),
+            r.duplicates,
+            r.missing
         );
     }
     let mut json_baseline = json!(null);
     if let Some((b200, b0)) = &baseline {
         for (label, b, ours) in [
-            (format!("baseline, provider {} ms", args.latency_ms), b200, &slow),
+            (
+                format!("baseline, provider {} ms", args.latency_ms),
+                b200,
+                &slow,
+            ),
             ("baseline, provider 0 ms".to_string(), b0, &fast),
         ] {
             let br = rate(b.seconds, b.users as f64);
@@ -226,6 +322,14 @@ async fn main() -> anyhow::Result<()> {
         lat.0.len()
     );
     println!(
+        "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
+        "create latency, API-only node",
+        lat_api.quantile(0.5).as_secs_f64() * 1e3,
+        lat_api.quantile(0.99).as_secs_f64() * 1e3,
+        lat_api.quantile(1.0).as_secs_f64() * 1e3,
+        lat_api.0.len()
+    );
+    println!(
         "{:<34} {:>10.1} {:>12.0}   ({} msgs of {} B, {:.0} msgs/s)",
         "ceiling: raw JetStream pub+sub",
         ceil.seconds,
@@ -241,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
         "push_zero": {"seconds": fast.seconds, "users_per_s": rate(fast.seconds, fast.sent as f64), "cpu_seconds": fast.cpu, "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
         "baseline": json_baseline,
         "create_latency_ms": {"p50": lat.quantile(0.5).as_secs_f64() * 1e3, "p99": lat.quantile(0.99).as_secs_f64() * 1e3, "requests": lat.0.len()},
+        "create_latency_api_only_ms": {"p50": lat_api.quantile(0.5).as_secs_f64() * 1e3, "p99": lat_api.quantile(0.99).as_secs_f64() * 1e3, "requests": lat_api.0.len()},
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
     });
     println!("{line}");
