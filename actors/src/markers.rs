@@ -105,6 +105,32 @@ pub async fn connect(url: &str, command_timeout: Duration) -> Result<Client, Mar
     Ok(client)
 }
 
+/// Deletes every key matching `pattern` (SCAN, not KEYS, so Redis keeps serving).
+pub async fn delete_matching(client: &Client, pattern: &str) -> Result<(), MarkerError> {
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, keys): (String, Vec<String>) = client
+            .custom(
+                fred::cmd!("SCAN"),
+                vec![
+                    cursor,
+                    "MATCH".into(),
+                    pattern.to_string(),
+                    "COUNT".into(),
+                    "10000".into(),
+                ],
+            )
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = client.del(keys).await?;
+        }
+        if next == "0" {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 /// Idempotency markers of one deployment (key prefix).
 #[derive(Clone)]
 pub struct Markers {

@@ -5,7 +5,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::{TimeZone, Utc};
 use herald_engine::{
-    providers::{ProviderConfig, SimulatedConfig, SimulatedProvider},
+    providers::{Ledger, ProviderConfig, SimulatedConfig, SimulatedProvider},
     schemas::{
         decode, Audience, CampaignKind, CampaignState, CreateCampaignRequest, DeadLetter,
         InformType,
@@ -39,17 +39,23 @@ fn simulated(latency_ms: u64) -> Arc<SimulatedProvider> {
 
 const LONG: Duration = Duration::from_secs(120);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_users_get_exactly_one_push_each() {
-    let env = TestEnv::new("tenk").await.unwrap();
-    env.seed(10_000).await.unwrap();
-    let provider = simulated(1);
+/// A node on the environment with a simulated provider for every channel, and its ledger.
+async fn start_simulated(env: &TestEnv, latency_ms: u64) -> (Engine, Ledger) {
+    let provider = simulated(latency_ms);
     let ledger = provider.ledger();
     let engine = Engine::builder(env.config.clone())
         .provider_for_all(provider)
         .start()
         .await
         .unwrap();
+    (engine, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_users_get_exactly_one_push_each() {
+    let env = TestEnv::new("tenk").await.unwrap();
+    env.seed(10_000).await.unwrap();
+    let (engine, ledger) = start_simulated(&env, 1).await;
 
     let reply = env.create(&promo("Double 11")).await.unwrap().unwrap();
     assert!(reply.ok && !reply.duplicate);
@@ -168,13 +174,7 @@ async fn permanent_4xx_is_recorded_as_failed_and_not_retried() {
 async fn duplicate_request_sends_nothing_more() {
     let env = TestEnv::new("dup").await.unwrap();
     env.seed(2_000).await.unwrap();
-    let provider = simulated(0);
-    let ledger = provider.ledger();
-    let engine = Engine::builder(env.config.clone())
-        .provider_for_all(provider)
-        .start()
-        .await
-        .unwrap();
+    let (engine, ledger) = start_simulated(&env, 0).await;
 
     let req = promo("once only");
     let first = env.create(&req).await.unwrap().unwrap();
@@ -220,13 +220,7 @@ async fn duplicate_request_sends_nothing_more() {
 async fn poison_messages_are_dead_lettered_and_do_not_block() {
     let env = TestEnv::new("poison").await.unwrap();
     env.seed(3_000).await.unwrap();
-    let provider = simulated(0);
-    let ledger = provider.ledger();
-    let engine = Engine::builder(env.config.clone())
-        .provider_for_all(provider)
-        .start()
-        .await
-        .unwrap();
+    let (engine, ledger) = start_simulated(&env, 0).await;
     let js = async_nats::jetstream::new(env.nats.clone());
     let subjects = env.subjects();
 
@@ -325,13 +319,7 @@ async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
 async fn segment_campaign_reaches_exactly_the_segment() {
     let env = TestEnv::new("segment").await.unwrap();
     env.seed(5_000).await.unwrap();
-    let provider = simulated(0);
-    let ledger = provider.ledger();
-    let engine = Engine::builder(env.config.clone())
-        .provider_for_all(provider)
-        .start()
-        .await
-        .unwrap();
+    let (engine, ledger) = start_simulated(&env, 0).await;
     let mut req = promo("gold members");
     req.audience = Audience::Segment(herald_engine::schemas::SegmentFilter {
         member_levels: Some(vec![3, 4, 5]),

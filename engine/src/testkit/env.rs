@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Context;
-use fred::interfaces::{ClientLike, KeysInterface};
+use fred::interfaces::ClientLike;
 use herald_schemas::{
     CampaignState, CampaignStatusReply, CampaignStatusRequest, CreateCampaignReply,
     CreateCampaignRequest, Encoding, Subjects,
@@ -182,28 +182,7 @@ impl TestEnv {
         if let Ok(redis) =
             herald_actors::markers::connect(&self.config.redis.url, Duration::from_secs(5)).await
         {
-            let mut cursor = "0".to_string();
-            loop {
-                let (next, keys): (String, Vec<String>) = redis
-                    .custom(
-                        fred::cmd!("SCAN"),
-                        vec![
-                            cursor.clone(),
-                            "MATCH".into(),
-                            format!("{}:*", self.prefix),
-                            "COUNT".into(),
-                            "1000".into(),
-                        ],
-                    )
-                    .await?;
-                if !keys.is_empty() {
-                    let _: i64 = redis.del(keys).await?;
-                }
-                if next == "0" {
-                    break;
-                }
-                cursor = next;
-            }
+            herald_actors::markers::delete_matching(&redis, &format!("{}:*", self.prefix)).await?;
             let _ = redis.quit().await;
         }
         self.db.close().await?;

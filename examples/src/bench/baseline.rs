@@ -136,28 +136,7 @@ pub async fn run(
     let seconds = started.elapsed().as_secs_f64();
     // Clean up: the stream and the per-user keys.
     let _ = js.delete_stream(&name).await;
-    let mut cursor = "0".to_string();
-    loop {
-        let (next, keys): (String, Vec<String>) = redis
-            .custom(
-                fred::cmd!("SCAN"),
-                vec![
-                    cursor,
-                    "MATCH".into(),
-                    format!("{key_prefix}:*"),
-                    "COUNT".into(),
-                    "10000".into(),
-                ],
-            )
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis.del(keys).await?;
-        }
-        if next == "0" {
-            break;
-        }
-        cursor = next;
-    }
+    herald_actors::markers::delete_matching(&redis, &format!("{key_prefix}:*")).await?;
     let _ = redis.quit().await;
     Ok(BaselineResult {
         users: handled,
