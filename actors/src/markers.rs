@@ -63,14 +63,18 @@ return out
 const CONFIRM: &str = r#"
 local n = tonumber(ARGV[2])
 local added = 0
+local bitmaps = {}
 for i = 1, n do
   if redis.call('SETBIT', KEYS[n + i], tonumber(ARGV[4 + i]), 1) == 0 then
     added = added + 1
   end
-  redis.call('EXPIRE', KEYS[n + i], ARGV[4])
+  bitmaps[KEYS[n + i]] = true
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     redis.call('DEL', KEYS[i])
   end
+end
+for key in pairs(bitmaps) do
+  redis.call('EXPIRE', key, ARGV[4])
 end
 local total = redis.call('HINCRBY', KEYS[2 * n + 1], ARGV[3], added)
 redis.call('EXPIRE', KEYS[2 * n + 1], ARGV[4])
