@@ -274,6 +274,19 @@ impl Actor for CampaignSupervisor {
         if state.stopping {
             return Ok(());
         }
+        // A stage also ends when another node finished the campaign and deleted its
+        // consumers: then stop, rather than re-create a consumer nobody will clean up.
+        match state.shared.store.campaign(state.campaign.id).await {
+            Ok(Some(c)) if c.status.is_final() => {
+                myself.stop(Some(format!("campaign {}", c.status.as_str())));
+                return Ok(());
+            }
+            Ok(None) => {
+                myself.stop(Some("campaign deleted".into()));
+                return Ok(());
+            }
+            _ => {}
+        }
         let n = state.restarts.entry(child).or_insert(0);
         *n += 1;
         if *n > state.shared.settings.max_restarts {

@@ -361,3 +361,57 @@ async fn segment_campaign_reaches_exactly_the_segment() {
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_a_campaign_and_send_once() {
+    let env = TestEnv::new("twonodes").await.unwrap();
+    env.seed(20_000).await.unwrap();
+    // One gateway (one ledger) behind both nodes.
+    let provider = simulated(5);
+    let ledger = provider.ledger();
+    let mut a = env.config.clone();
+    a.node.id = "node-a".into();
+    let mut b = env.config.clone();
+    b.node.id = "node-b".into();
+    let node_a = Engine::builder(a).provider_for_all(provider.clone()).start().await.unwrap();
+    let node_b = Engine::builder(b).provider_for_all(provider).start().await.unwrap();
+
+    let reply = env.create(&promo("two nodes")).await.unwrap().unwrap();
+    // Both nodes run a supervisor for the campaign while it is going.
+    let both = wait_until(Duration::from_secs(10), || async {
+        node_a.running_campaigns().await.unwrap_or_default().contains(&reply.campaign_id)
+            && node_b.running_campaigns().await.unwrap_or_default().contains(&reply.campaign_id)
+    })
+    .await;
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+    assert!(both, "both nodes took part");
+    assert_eq!(ledger.total(), 20_000);
+    assert_eq!(ledger.duplicates(), 0);
+    assert_eq!((s.recipients, s.sent), (20_000, 20_000));
+    // Once completed, no supervisor is left on either node.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            node_a.running_campaigns().await.unwrap_or_default().is_empty()
+                && node_b.running_campaigns().await.unwrap_or_default().is_empty()
+        })
+        .await
+    );
+    // And no stage consumer is left behind on the server.
+    let js = async_nats::jetstream::new(env.nats.clone());
+    let subjects = env.subjects();
+    for stream in [subjects.campaigns_stream(), subjects.buckets_stream(), subjects.push_stream()] {
+        let stream = js.get_stream(&stream).await.unwrap();
+        let left = wait_until(Duration::from_secs(10), || {
+            let stream = stream.clone();
+            async move {
+                use futures::StreamExt;
+                stream.consumer_names().count().await == 0
+            }
+        })
+        .await;
+        assert!(left, "consumers of {} deleted", stream.cached_info().config.name);
+    }
+    node_a.shutdown().await.unwrap();
+    node_b.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
