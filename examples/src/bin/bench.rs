@@ -10,6 +10,8 @@
 mod baseline;
 #[path = "../bench/ceiling.rs"]
 mod ceiling;
+#[path = "../bench/counting.rs"]
+mod counting;
 #[path = "../bench/create_latency.rs"]
 mod create_latency;
 #[path = "../bench/proc.rs"]
@@ -21,7 +23,6 @@ use clap::Parser;
 use fred::interfaces::ClientLike;
 use herald_engine::{
     config::Config,
-    providers::{SimulatedConfig, SimulatedProvider},
     schemas::{Audience, CampaignKind, CreateCampaignRequest, InformType},
     testkit::TestEnv,
     Engine,
@@ -70,7 +71,7 @@ struct PushResult {
     redis_added: i64,
     sent: i64,
     duplicates: u64,
-    missing: usize,
+    missing: u64,
 }
 
 async fn redis_used_memory(url: &str) -> anyhow::Result<i64> {
@@ -104,14 +105,9 @@ async fn push(
     name: &str,
     latency_ms: u64,
 ) -> anyhow::Result<PushResult> {
-    let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
-        latency_ms,
-        failure_rate: 0.0,
-        permanent_failure_rate: 0.0,
-    }));
-    let ledger = provider.ledger();
+    let provider = Arc::new(counting::CountingProvider::new(args.users, latency_ms));
     let engine = Engine::builder(bench_config(env, args))
-        .provider_for_all(provider)
+        .provider_for_all(provider.clone())
         .start()
         .await?;
     let redis_before = redis_used_memory(&env.config.redis.url).await?;
@@ -141,15 +137,15 @@ async fn push(
     let cpu = proc::cpu_seconds() - cpu0;
     let peak_rss = proc::peak_rss();
     let redis_added = redis_used_memory(&env.config.redis.url).await? - redis_before;
-    let missing = ledger.missing(reply.campaign_id, 1..=args.users).len();
     engine.shutdown().await?;
+    let (duplicates, missing) = provider.duplicates_and_misses();
     Ok(PushResult {
         seconds,
         cpu,
         peak_rss,
         redis_added,
         sent: status.sent,
-        duplicates: ledger.duplicates(),
+        duplicates,
         missing,
     })
 }
