@@ -136,24 +136,27 @@ impl PushSender {
                 }
             }
         }
-        // Sends happened: settle them with bounded retries before anything else can fail.
+        // Sends happened: confirm them first (Redis only), so a database outage cannot turn
+        // them into repeats; then record the failures and settle those.
         let now = chrono::Utc::now();
         let failed_users: Vec<i64> = failed.iter().map(|(u, _)| *u).collect();
-        let (total_sent, total_failed) = settle_with_retries(|| async {
+        let total_sent = settle_with_retries(|| async {
+            markers
+                .confirm(cid, &field, Settled::Sent, &sent, &token)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        let total_failed = settle_with_retries(|| async {
             self.shared
                 .store
                 .record_failures(cid, &failed, now)
                 .await
                 .map_err(|e| e.to_string())?;
-            let s = markers
-                .confirm(cid, &field, Settled::Sent, &sent, &token)
-                .await
-                .map_err(|e| e.to_string())?;
-            let f = markers
+            markers
                 .confirm(cid, &field, Settled::Failed, &failed_users, &token)
                 .await
-                .map_err(|e| e.to_string())?;
-            Ok((s, f))
+                .map_err(|e| e.to_string())
         })
         .await?;
         if !retry.is_empty() || (busy > 0 && !last) {

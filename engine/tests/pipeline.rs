@@ -373,14 +373,30 @@ async fn two_nodes_share_a_campaign_and_send_once() {
     a.node.id = "node-a".into();
     let mut b = env.config.clone();
     b.node.id = "node-b".into();
-    let node_a = Engine::builder(a).provider_for_all(provider.clone()).start().await.unwrap();
-    let node_b = Engine::builder(b).provider_for_all(provider).start().await.unwrap();
+    let node_a = Engine::builder(a)
+        .provider_for_all(provider.clone())
+        .start()
+        .await
+        .unwrap();
+    let node_b = Engine::builder(b)
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
 
     let reply = env.create(&promo("two nodes")).await.unwrap().unwrap();
     // Both nodes run a supervisor for the campaign while it is going.
     let both = wait_until(Duration::from_secs(10), || async {
-        node_a.running_campaigns().await.unwrap_or_default().contains(&reply.campaign_id)
-            && node_b.running_campaigns().await.unwrap_or_default().contains(&reply.campaign_id)
+        node_a
+            .running_campaigns()
+            .await
+            .unwrap_or_default()
+            .contains(&reply.campaign_id)
+            && node_b
+                .running_campaigns()
+                .await
+                .unwrap_or_default()
+                .contains(&reply.campaign_id)
     })
     .await;
     let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
@@ -391,15 +407,27 @@ async fn two_nodes_share_a_campaign_and_send_once() {
     // Once completed, no supervisor is left on either node.
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            node_a.running_campaigns().await.unwrap_or_default().is_empty()
-                && node_b.running_campaigns().await.unwrap_or_default().is_empty()
+            node_a
+                .running_campaigns()
+                .await
+                .unwrap_or_default()
+                .is_empty()
+                && node_b
+                    .running_campaigns()
+                    .await
+                    .unwrap_or_default()
+                    .is_empty()
         })
         .await
     );
     // And no stage consumer is left behind on the server.
     let js = async_nats::jetstream::new(env.nats.clone());
     let subjects = env.subjects();
-    for stream in [subjects.campaigns_stream(), subjects.buckets_stream(), subjects.push_stream()] {
+    for stream in [
+        subjects.campaigns_stream(),
+        subjects.buckets_stream(),
+        subjects.push_stream(),
+    ] {
         let stream = js.get_stream(&stream).await.unwrap();
         let left = wait_until(Duration::from_secs(10), || {
             let stream = stream.clone();
@@ -409,7 +437,11 @@ async fn two_nodes_share_a_campaign_and_send_once() {
             }
         })
         .await;
-        assert!(left, "consumers of {} deleted", stream.cached_info().config.name);
+        assert!(
+            left,
+            "consumers of {} deleted",
+            stream.cached_info().config.name
+        );
     }
     node_a.shutdown().await.unwrap();
     node_b.shutdown().await.unwrap();

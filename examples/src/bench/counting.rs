@@ -50,7 +50,9 @@ impl Provider for CountingProvider {
         }
         match self.counts.get(push.user_id as usize) {
             Some(c) => {
-                let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(1)));
+                let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_add(1))
+                });
                 Ok(())
             }
             None => Err(SendError::Permanent {
