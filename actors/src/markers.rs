@@ -1,10 +1,13 @@
 //! Idempotency markers in Redis: per (campaign, user), claim before a send and confirm after.
 //!
 //! A confirmed user is one bit in a bitmap per campaign and id range (2^20 ids per key), so a
-//! 10M-user campaign costs about 1.25 MB, not 10M keys. A claim is a short-lived key holding
-//! the claimer's token with a TTL; only users in flight have one. Claim and confirm run as
-//! Lua scripts over a whole batch: one round trip per hundred users, atomic per user. A token
-//! match counts as our own claim, so a command fred re-sends after a reconnect is harmless.
+//! 10M-user campaign costs about 1.25 MB, not 10M keys. A claim is a field of a hash per id
+//! range holding the claimer's token and a deadline; only users in flight have one, and a
+//! claim past its deadline is free again. (A hash field rather than a key with a TTL per user:
+//! it spares Redis's single thread the key-space and expiry churn, its bottleneck here.)
+//! Claim and confirm run as Lua scripts over a whole batch: one round trip per hundred users,
+//! atomic per user. A token match counts as our own claim, so a command fred re-sends after a
+//! reconnect is harmless.
 //!
 //! Per batch, a hash field accumulates how many users this batch confirmed as sent or failed
 //! across its deliveries, so the counters stay exact when a batch is retried.
@@ -41,53 +44,71 @@ pub enum ClaimState {
 #[error("redis: {0}")]
 pub struct MarkerError(#[from] fred::error::Error);
 
+// KEYS: per id range, its claims hash then its bitmap. ARGV: token, ttl ms, n, marker ttl s,
+// then per user: range index (1-based), offset in the range.
 const CLAIM: &str = r#"
-local n = tonumber(ARGV[3])
+local token, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mine = token .. '|' .. (now + ttl)
 local out = {}
 for i = 1, n do
-  if redis.call('GETBIT', KEYS[n + i], tonumber(ARGV[3 + i])) == 1 then
+  local k, off = tonumber(ARGV[3 + 2 * i]), ARGV[4 + 2 * i]
+  local claims, bitmap = KEYS[2 * k - 1], KEYS[2 * k]
+  if redis.call('GETBIT', bitmap, off) == 1 then
     out[i] = 0
-  elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    out[i] = 1
-  elseif redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  elseif redis.call('HSETNX', claims, off, mine) == 1 then
     out[i] = 1
   else
-    out[i] = 2
+    local cur = redis.call('HGET', claims, off)
+    local sep = string.find(cur, '|', 1, true)
+    if string.sub(cur, 1, sep - 1) == token or tonumber(string.sub(cur, sep + 1)) <= now then
+      redis.call('HSET', claims, off, mine)
+      out[i] = 1
+    else
+      out[i] = 2
+    end
   end
+end
+for j = 1, #KEYS, 2 do
+  redis.call('EXPIRE', KEYS[j], ARGV[4])
 end
 return out
 "#;
 
-// KEYS: n claim keys, n bitmap keys, the progress hash. ARGV: token, n, field, ttl, offsets.
+// KEYS: per id range, its claims hash then its bitmap; last, the progress hash.
+// ARGV: n, progress field, marker ttl s, then per user: range index, offset.
+// The claim is dropped whoever holds it: once the bit is set nobody may send again, and a
+// holder that is sending right now claimed before this confirm, so it would send anyway.
 const CONFIRM: &str = r#"
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[1])
 local added = 0
-local bitmaps = {}
 for i = 1, n do
-  if redis.call('SETBIT', KEYS[n + i], tonumber(ARGV[4 + i]), 1) == 0 then
+  local k, off = tonumber(ARGV[2 + 2 * i]), ARGV[3 + 2 * i]
+  if redis.call('SETBIT', KEYS[2 * k], off, 1) == 0 then
     added = added + 1
   end
-  bitmaps[KEYS[n + i]] = true
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
-  end
+  redis.call('HDEL', KEYS[2 * k - 1], off)
 end
-for key in pairs(bitmaps) do
-  redis.call('EXPIRE', key, ARGV[4])
+for j = 2, #KEYS - 1, 2 do
+  redis.call('EXPIRE', KEYS[j], ARGV[3])
 end
-local total = redis.call('HINCRBY', KEYS[2 * n + 1], ARGV[3], added)
-redis.call('EXPIRE', KEYS[2 * n + 1], ARGV[4])
+local total = redis.call('HINCRBY', KEYS[#KEYS], ARGV[2], added)
+redis.call('EXPIRE', KEYS[#KEYS], ARGV[3])
 return total
 "#;
 
+// KEYS: per id range, its claims hash. ARGV: token, n, then per user: range index, offset.
 const RELEASE: &str = r#"
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
+local token, n = ARGV[1], tonumber(ARGV[2])
+for i = 1, n do
+  local claims, off = KEYS[tonumber(ARGV[1 + 2 * i])], ARGV[2 + 2 * i]
+  local cur = redis.call('HGET', claims, off)
+  if cur and string.sub(cur, 1, string.find(cur, '|', 1, true) - 1) == token then
+    redis.call('HDEL', claims, off)
   end
 end
-return #KEYS
+return n
 "#;
 
 /// Connects to Redis with explicit timeouts and a bounded reconnect policy.
@@ -175,8 +196,8 @@ impl Markers {
         &self.client
     }
 
-    fn claim_key(&self, campaign: i64, user: i64) -> String {
-        format!("{}:c:{campaign}:claim:{user}", self.prefix)
+    fn claims_key(&self, campaign: i64, chunk: i64) -> String {
+        format!("{}:c:{campaign}:claims:{chunk}", self.prefix)
     }
 
     fn bitmap_key(&self, campaign: i64, user: i64) -> String {
@@ -191,6 +212,36 @@ impl Markers {
         format!("{}:c:{campaign}:progress", self.prefix)
     }
 
+    /// The id ranges `users` fall in, and per user (range index from 1, offset) as args.
+    fn ranges(users: &[i64]) -> (Vec<i64>, Vec<String>) {
+        let mut chunks: Vec<i64> = Vec::new();
+        let mut args = Vec::with_capacity(users.len() * 2);
+        for u in users {
+            let chunk = u >> CHUNK_BITS;
+            let k = match chunks.iter().position(|c| *c == chunk) {
+                Some(i) => i + 1,
+                None => {
+                    chunks.push(chunk);
+                    chunks.len()
+                }
+            };
+            args.push(k.to_string());
+            args.push(Self::offset(*u).to_string());
+        }
+        (chunks, args)
+    }
+
+    fn range_keys(&self, campaign: i64, chunks: &[i64], with_bitmaps: bool) -> Vec<String> {
+        let mut keys = Vec::with_capacity(chunks.len() * 2 + 1);
+        for c in chunks {
+            keys.push(self.claims_key(campaign, *c));
+            if with_bitmaps {
+                keys.push(format!("{}:c:{campaign}:done:{c}", self.prefix));
+            }
+        }
+        keys
+    }
+
     /// Claims `users` for the holder of `token`; one state per user, in order.
     pub async fn claim(
         &self,
@@ -201,14 +252,15 @@ impl Markers {
         if users.is_empty() {
             return Ok(vec![]);
         }
-        let mut keys: Vec<String> = users.iter().map(|u| self.claim_key(campaign, *u)).collect();
-        keys.extend(users.iter().map(|u| self.bitmap_key(campaign, *u)));
+        let (chunks, pairs) = Self::ranges(users);
+        let keys = self.range_keys(campaign, &chunks, true);
         let mut args: Vec<String> = vec![
             token.to_string(),
             self.claim_ttl.as_millis().max(1).to_string(),
             users.len().to_string(),
+            self.marker_ttl.as_secs().max(1).to_string(),
         ];
-        args.extend(users.iter().map(|u| Self::offset(*u).to_string()));
+        args.extend(pairs);
         let states: Vec<i64> = self
             .claim
             .evalsha_with_reload(&self.client, keys, args)
@@ -231,22 +283,21 @@ impl Markers {
         batch_field: &str,
         kind: Settled,
         users: &[i64],
-        token: &str,
+        _token: &str,
     ) -> Result<i64, MarkerError> {
-        let mut keys: Vec<String> = users.iter().map(|u| self.claim_key(campaign, *u)).collect();
-        keys.extend(users.iter().map(|u| self.bitmap_key(campaign, *u)));
+        let (chunks, pairs) = Self::ranges(users);
+        let mut keys = self.range_keys(campaign, &chunks, true);
         keys.push(self.progress_key(campaign));
         let field = match kind {
             Settled::Sent => format!("{batch_field}:s"),
             Settled::Failed => format!("{batch_field}:f"),
         };
         let mut args: Vec<String> = vec![
-            token.to_string(),
             users.len().to_string(),
             field,
             self.marker_ttl.as_secs().max(1).to_string(),
         ];
-        args.extend(users.iter().map(|u| Self::offset(*u).to_string()));
+        args.extend(pairs);
         Ok(self
             .confirm
             .evalsha_with_reload(&self.client, keys, args)
@@ -263,10 +314,13 @@ impl Markers {
         if users.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = users.iter().map(|u| self.claim_key(campaign, *u)).collect();
+        let (chunks, pairs) = Self::ranges(users);
+        let keys = self.range_keys(campaign, &chunks, false);
+        let mut args = vec![token.to_string(), users.len().to_string()];
+        args.extend(pairs);
         let _: i64 = self
             .release
-            .evalsha_with_reload(&self.client, keys, vec![token.to_string()])
+            .evalsha_with_reload(&self.client, keys, args)
             .await?;
         Ok(())
     }
@@ -297,7 +351,7 @@ impl Markers {
         Ok(bit == 1)
     }
 
-    /// Deletes every marker of a campaign (bitmaps, progress; claims expire by themselves).
+    /// Deletes every marker of a campaign: bitmaps, claims and progress.
     pub async fn forget_campaign(
         &self,
         campaign: i64,
@@ -306,6 +360,7 @@ impl Markers {
         let mut keys = vec![self.progress_key(campaign)];
         for chunk in 0..=(max_user_id.max(0) >> CHUNK_BITS) {
             keys.push(format!("{}:c:{campaign}:done:{chunk}", self.prefix));
+            keys.push(self.claims_key(campaign, chunk));
         }
         let _: i64 = self.client.del(keys).await?;
         Ok(())
