@@ -161,8 +161,14 @@ impl Store {
         &self.db
     }
 
-    /// Inserts a campaign (status `pending`) and returns its id.
-    pub async fn insert_campaign(&self, c: &NewCampaign, now: DateTime<Utc>) -> Result<i64, DbErr> {
+    /// Inserts a campaign (status `pending`) unless one with the same dedupe key was created
+    /// at or after `since`; one statement. Returns the id and whether this call inserted it.
+    pub async fn insert_campaign(
+        &self,
+        c: &NewCampaign,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+    ) -> Result<(i64, bool), DbErr> {
         let audience =
             serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
         #[derive(FromQueryResult)]
@@ -173,7 +179,9 @@ impl Store {
             &self.db,
             "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
              body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, 0, 0, 0, 0, $11) RETURNING id",
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, 0, 0, 0, 0, $11 \
+             WHERE NOT EXISTS (SELECT 1 FROM campaign WHERE dedupe_key = $10 AND created_at >= $12) \
+             RETURNING id",
             vec![
                 c.kind.clone().into(),
                 c.name.clone().into(),
@@ -186,12 +194,19 @@ impl Store {
                 audience.into(),
                 c.dedupe_key.clone().into(),
                 now.into(),
+                since.into(),
             ],
         ))
         .one(&self.db)
-        .await?
-        .ok_or_else(|| DbErr::Custom("insert returned no id".into()))?;
-        Ok(row.id)
+        .await?;
+        match row {
+            Some(r) => Ok((r.id, true)),
+            None => self
+                .find_duplicate(&c.dedupe_key, since)
+                .await?
+                .map(|id| (id, false))
+                .ok_or_else(|| DbErr::Custom("campaign neither inserted nor found".into())),
+        }
     }
 
     /// The newest campaign created with `dedupe_key` at or after `since`.

@@ -173,53 +173,51 @@ impl ApiService {
         }
         let now = Utc::now();
         let since = now - chrono::Duration::from_std(window).unwrap_or_default();
-        let existing = self
+        // The database check covers a Redis that lost its data within the window.
+        let inserted = self
             .store
-            .find_duplicate(&req.dedupe_key(), since)
+            .insert_campaign(
+                &NewCampaign {
+                    kind: req.kind.as_str().into(),
+                    name: req.name.clone(),
+                    created_by: req.created_by.clone(),
+                    starts_at: req.starts_at,
+                    ends_at: req.ends_at,
+                    inform_type: req.inform_type,
+                    title: req.title.clone(),
+                    body: req.body.clone(),
+                    audience: req.audience.clone(),
+                    dedupe_key: req.dedupe_key(),
+                },
+                now,
+                since,
+            )
             .await
-            .map_err(db_err)?;
-        let (id, duplicate) = match existing {
-            Some(id) => (id, true),
-            None => {
-                let id = self
-                    .store
-                    .insert_campaign(
-                        &NewCampaign {
-                            kind: req.kind.as_str().into(),
-                            name: req.name.clone(),
-                            created_by: req.created_by.clone(),
-                            starts_at: req.starts_at,
-                            ends_at: req.ends_at,
-                            inform_type: req.inform_type,
-                            title: req.title.clone(),
-                            body: req.body.clone(),
-                            audience: req.audience.clone(),
-                            dedupe_key: req.dedupe_key(),
-                        },
-                        now,
-                    )
-                    .await
-                    .map_err(db_err);
-                match id {
-                    Ok(id) => (id, false),
-                    Err(e) => {
-                        let _: Result<i64, _> = self.redis.del(&key).await;
-                        return Err(e);
-                    }
-                }
+            .map_err(db_err);
+        let (id, duplicate) = match inserted {
+            Ok((id, inserted)) => (id, !inserted),
+            Err(e) => {
+                let _: Result<i64, _> = self.redis.del(&key).await;
+                return Err(e);
             }
         };
+        // Repeats now get the id from Redis; one that came in meanwhile waits for it.
         let remaining = window.saturating_sub((Utc::now() - now).to_std().unwrap_or_default());
-        let _: Result<Option<String>, _> = self
-            .redis
-            .set(
-                &key,
-                id.to_string(),
-                Some(Expiration::PX(remaining.as_millis().max(1) as i64)),
-                None,
-                false,
-            )
-            .await;
+        let redis = self.redis.clone();
+        tokio::spawn(async move {
+            let r: Result<Option<String>, _> = redis
+                .set(
+                    &key,
+                    id.to_string(),
+                    Some(Expiration::PX(remaining.as_millis().max(1) as i64)),
+                    None,
+                    false,
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(campaign_id = id, error = %e, "recording dedupe key failed; the database check still holds");
+            }
+        });
         if !duplicate {
             // Announced after the reply goes out: the row is the record, and a lost
             // announcement is repeated by the node that finds the pending campaign.

@@ -204,3 +204,41 @@ async fn malformed_requests_get_clear_errors_and_the_node_keeps_serving() {
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_is_still_a_duplicate_after_redis_lost_its_data() {
+    let env = TestEnv::new("apiredis").await.unwrap();
+    let mut config = env.config.clone();
+    config.node.run_pipeline = false; // only the API matters here
+    let engine = Engine::start(config).await.unwrap();
+    let create = env.subjects().api_campaign_create();
+
+    let (first, _) = raw(&env, create.clone(), serde_json::to_vec(&good()).unwrap(), false).await;
+    assert_eq!(first["duplicate"], json!(false));
+    // Redis forgets every dedupe key (a flush, a failover without persistence), once the
+    // API has recorded the id there.
+    let redis = herald_actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let pattern = format!("{}:dedupe:*", env.prefix);
+    let recorded = herald_engine::testkit::wait_until(Duration::from_secs(5), || {
+        let (redis, pattern) = (redis.clone(), pattern.clone());
+        async move {
+            use fred::interfaces::{ClientLike, KeysInterface};
+            let keys: Vec<String> = redis.custom(fred::cmd!("KEYS"), vec![pattern]).await.unwrap();
+            let Some(key) = keys.first() else { return false };
+            let v: Option<String> = redis.get(key).await.unwrap();
+            v.is_some_and(|v| v != "pending")
+        }
+    })
+    .await;
+    assert!(recorded);
+    herald_actors::markers::delete_matching(&redis, &format!("{}:dedupe:*", env.prefix))
+        .await
+        .unwrap();
+    let (again, _) = raw(&env, create, serde_json::to_vec(&good()).unwrap(), false).await;
+    assert_eq!(again["campaign_id"], first["campaign_id"]);
+    assert_eq!(again["duplicate"], json!(true), "the database remembered it");
+    engine.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
