@@ -39,7 +39,8 @@ impl BucketExpander {
         let mut out: Vec<Outgoing> = Vec::new();
         let mut bytes = 0;
         for chunk in users.chunks(settings.batch_size.max(1)) {
-            let batch = PushBatch::new(task.campaign_id, task.bucket, parts, chunk.to_vec());
+            let batch = PushBatch::new(task.campaign_id, task.bucket, parts, chunk.to_vec())
+                .with_epoch(self.campaign.epoch);
             let payload = encode(&batch).map_err(|e| e.to_string())?;
             if !out.is_empty()
                 && (out.len() >= settings.publish_max_messages
@@ -104,6 +105,14 @@ impl Stage for BucketExpander {
                 }
             }
         };
+        if task.epoch != self.campaign.epoch {
+            tracing::debug!(
+                campaign_id = self.campaign.id,
+                epoch = task.epoch,
+                "stale BucketTask skipped"
+            );
+            return Outcome::Done;
+        }
         if task.campaign_id != self.campaign.id || task.end_id < task.start_id {
             return Outcome::Reject {
                 reason: format!(

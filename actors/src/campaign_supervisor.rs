@@ -75,7 +75,7 @@ impl CampaignSupervisor {
                 spawn_stage(stage, shared, campaign, cell).await?
             }
             Child::Sharder => {
-                let stage = Sharder::new(shared.clone(), campaign.id);
+                let stage = Sharder::new(shared.clone(), campaign.id, campaign.epoch);
                 spawn_stage(stage, shared, campaign, cell).await?
             }
         };
@@ -227,7 +227,8 @@ impl Actor for CampaignSupervisor {
         if state.campaign.status == CampaignState::Pending {
             // The API announces a new campaign; announce again in case that publish was lost.
             let topo = &args.shared.topology;
-            crate::sharder::announce(topo.js(), topo.subjects(), state.campaign.id).await;
+            let c = &state.campaign;
+            crate::sharder::announce(topo.js(), topo.subjects(), c.id, c.epoch).await;
         }
         let period = args.shared.settings.progress_interval;
         state.ticker = Some(myself.send_interval(period, || SupervisorMsg::Tick));

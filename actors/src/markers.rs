@@ -28,6 +28,28 @@ use fred::{
 /// Bits per bitmap key.
 const CHUNK_BITS: u32 = 20;
 
+/// Names a campaign in Redis keys: its id and its epoch (creation time in ms), so markers of
+/// an older campaign with the same id (a recreated database) never apply to a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CampaignRef {
+    /// Campaign id.
+    pub id: i64,
+    /// Creation time in ms.
+    pub epoch: i64,
+}
+
+impl From<i64> for CampaignRef {
+    fn from(id: i64) -> Self {
+        Self { id, epoch: 0 }
+    }
+}
+
+impl std::fmt::Display for CampaignRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.id, self.epoch)
+    }
+}
+
 /// The state of a user after a claim attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimState {
@@ -196,11 +218,11 @@ impl Markers {
         &self.client
     }
 
-    fn claims_key(&self, campaign: i64, chunk: i64) -> String {
+    fn claims_key(&self, campaign: CampaignRef, chunk: i64) -> String {
         format!("{}:c:{campaign}:claims:{chunk}", self.prefix)
     }
 
-    fn bitmap_key(&self, campaign: i64, user: i64) -> String {
+    fn bitmap_key(&self, campaign: CampaignRef, user: i64) -> String {
         format!("{}:c:{campaign}:done:{}", self.prefix, user >> CHUNK_BITS)
     }
 
@@ -208,7 +230,7 @@ impl Markers {
         user & ((1 << CHUNK_BITS) - 1)
     }
 
-    fn progress_key(&self, campaign: i64) -> String {
+    fn progress_key(&self, campaign: CampaignRef) -> String {
         format!("{}:c:{campaign}:progress", self.prefix)
     }
 
@@ -231,7 +253,7 @@ impl Markers {
         (chunks, args)
     }
 
-    fn range_keys(&self, campaign: i64, chunks: &[i64], with_bitmaps: bool) -> Vec<String> {
+    fn range_keys(&self, campaign: CampaignRef, chunks: &[i64], with_bitmaps: bool) -> Vec<String> {
         let mut keys = Vec::with_capacity(chunks.len() * 2 + 1);
         for c in chunks {
             keys.push(self.claims_key(campaign, *c));
@@ -245,10 +267,11 @@ impl Markers {
     /// Claims `users` for the holder of `token`; one state per user, in order.
     pub async fn claim(
         &self,
-        campaign: i64,
+        campaign: impl Into<CampaignRef>,
         users: &[i64],
         token: &str,
     ) -> Result<Vec<ClaimState>, MarkerError> {
+        let campaign: CampaignRef = campaign.into();
         if users.is_empty() {
             return Ok(vec![]);
         }
@@ -279,12 +302,13 @@ impl Markers {
     /// `kind` across all its deliveries.
     pub async fn confirm(
         &self,
-        campaign: i64,
+        campaign: impl Into<CampaignRef>,
         batch_field: &str,
         kind: Settled,
         users: &[i64],
         _token: &str,
     ) -> Result<i64, MarkerError> {
+        let campaign: CampaignRef = campaign.into();
         let (chunks, pairs) = Self::ranges(users);
         let mut keys = self.range_keys(campaign, &chunks, true);
         keys.push(self.progress_key(campaign));
@@ -307,10 +331,11 @@ impl Markers {
     /// Drops our claims on `users` (after a failed attempt), so a retry can claim them.
     pub async fn release(
         &self,
-        campaign: i64,
+        campaign: impl Into<CampaignRef>,
         users: &[i64],
         token: &str,
     ) -> Result<(), MarkerError> {
+        let campaign: CampaignRef = campaign.into();
         if users.is_empty() {
             return Ok(());
         }
@@ -327,7 +352,12 @@ impl Markers {
 
     /// Drops a finished batch's running totals: once the batch is recorded in the database
     /// they are never read again, and keeping them would grow Redis with the campaign.
-    pub async fn forget_batch(&self, campaign: i64, batch_field: &str) -> Result<(), MarkerError> {
+    pub async fn forget_batch(
+        &self,
+        campaign: impl Into<CampaignRef>,
+        batch_field: &str,
+    ) -> Result<(), MarkerError> {
+        let campaign: CampaignRef = campaign.into();
         let _: i64 = self
             .client
             .hdel(
@@ -339,7 +369,12 @@ impl Markers {
     }
 
     /// True when the user's push is confirmed.
-    pub async fn is_done(&self, campaign: i64, user: i64) -> Result<bool, MarkerError> {
+    pub async fn is_done(
+        &self,
+        campaign: impl Into<CampaignRef>,
+        user: i64,
+    ) -> Result<bool, MarkerError> {
+        let campaign: CampaignRef = campaign.into();
         let bit: i64 = self
             .client
             .eval(
@@ -354,9 +389,10 @@ impl Markers {
     /// Deletes every marker of a campaign: bitmaps, claims and progress.
     pub async fn forget_campaign(
         &self,
-        campaign: i64,
+        campaign: impl Into<CampaignRef>,
         max_user_id: i64,
     ) -> Result<(), MarkerError> {
+        let campaign: CampaignRef = campaign.into();
         let mut keys = vec![self.progress_key(campaign)];
         for chunk in 0..=(max_user_id.max(0) >> CHUNK_BITS) {
             keys.push(format!("{}:c:{campaign}:done:{chunk}", self.prefix));

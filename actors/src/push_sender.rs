@@ -13,7 +13,7 @@ use herald_schemas::{decode, PushBatch, Subjects};
 
 use crate::{
     context::{Shared, StageSettings},
-    markers::{ClaimState, Settled},
+    markers::{CampaignRef, ClaimState, Settled},
     provider::{Provider, Push, SendError},
     stage::Stage,
     store::Campaign,
@@ -96,13 +96,17 @@ impl PushSender {
     async fn process(&self, batch: PushBatch, d: &Delivery) -> Result<Outcome, String> {
         let markers = &self.shared.markers;
         let cid = batch.campaign_id;
+        let scope = CampaignRef {
+            id: cid,
+            epoch: self.campaign.epoch,
+        };
         let token = format!(
             "{}:{}:{}",
             self.shared.node_id, d.stream_sequence, d.delivered
         );
         let field = format!("{}:{}", batch.bucket, batch.part);
         let states = markers
-            .claim(cid, &batch.user_ids, &token)
+            .claim(scope, &batch.user_ids, &token)
             .await
             .map_err(|e| e.to_string())?;
         let mut claimed = Vec::new();
@@ -142,7 +146,7 @@ impl PushSender {
         let failed_users: Vec<i64> = failed.iter().map(|(u, _)| *u).collect();
         let total_sent = settle_with_retries(|| async {
             markers
-                .confirm(cid, &field, Settled::Sent, &sent, &token)
+                .confirm(scope, &field, Settled::Sent, &sent, &token)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -154,13 +158,13 @@ impl PushSender {
                 .await
                 .map_err(|e| e.to_string())?;
             markers
-                .confirm(cid, &field, Settled::Failed, &failed_users, &token)
+                .confirm(scope, &field, Settled::Failed, &failed_users, &token)
                 .await
                 .map_err(|e| e.to_string())
         })
         .await?;
         if !retry.is_empty() || (busy > 0 && !last) {
-            if let Err(e) = markers.release(cid, &retry, &token).await {
+            if let Err(e) = markers.release(scope, &retry, &token).await {
                 tracing::warn!(campaign_id = cid, error = %e, "releasing claims failed; they expire");
             }
             let reason = if retry.is_empty() {
@@ -192,7 +196,7 @@ impl PushSender {
                 .map_err(|e| e.to_string())
         })
         .await?;
-        if let Err(e) = markers.forget_batch(cid, &field).await {
+        if let Err(e) = markers.forget_batch(scope, &field).await {
             tracing::debug!(campaign_id = cid, error = %e, "dropping batch totals failed; they expire");
         }
         Ok(Outcome::Done)
@@ -243,6 +247,14 @@ impl Stage for PushSender {
                 }
             }
         };
+        if batch.epoch != self.campaign.epoch {
+            tracing::debug!(
+                campaign_id = self.campaign.id,
+                epoch = batch.epoch,
+                "stale PushBatch skipped"
+            );
+            return Outcome::Done;
+        }
         if batch.campaign_id != self.campaign.id
             || batch.user_ids.is_empty()
             || batch.user_ids.len() > MAX_BATCH_RECIPIENTS

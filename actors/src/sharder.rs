@@ -19,14 +19,16 @@ use crate::{
 pub struct Sharder {
     shared: Arc<Shared>,
     campaign_id: i64,
+    epoch: i64,
 }
 
 impl Sharder {
-    /// The sharder of `campaign_id`.
-    pub fn new(shared: Arc<Shared>, campaign_id: i64) -> Self {
+    /// The sharder of the campaign `campaign_id` created at `epoch`.
+    pub fn new(shared: Arc<Shared>, campaign_id: i64, epoch: i64) -> Self {
         Self {
             shared,
             campaign_id,
+            epoch,
         }
     }
 
@@ -50,7 +52,11 @@ impl Sharder {
         {
             None => 0,
             Some((lo, hi)) => {
-                let tasks = bucket_tasks(campaign.id, lo, hi, settings.bucket_size);
+                let tasks: Vec<BucketTask> =
+                    bucket_tasks(campaign.id, lo, hi, settings.bucket_size)
+                        .into_iter()
+                        .map(|t| t.with_epoch(campaign.epoch))
+                        .collect();
                 let n = tasks.len() as i64;
                 self.publish(tasks).await?;
                 n
@@ -97,11 +103,16 @@ impl Sharder {
     }
 }
 
-/// Publishes a campaign's `CampaignCreated` (message id `created:ID`, so repeats inside the
+/// Publishes a campaign's `CampaignCreated` (message id `created:ID.EPOCH`, so repeats inside the
 /// dedupe window are dropped, and the sharder skips a campaign already sharded after it).
 /// A failure is logged: the campaign's supervisor announces a pending campaign again.
-pub async fn announce(js: &async_nats::jetstream::Context, subjects: &Subjects, id: i64) {
-    let payload = match encode(&CampaignCreated::new(id)) {
+pub async fn announce(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    id: i64,
+    epoch: i64,
+) {
+    let payload = match encode(&CampaignCreated::new(id).with_epoch(epoch)) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(campaign_id = id, error = %e, "encoding CampaignCreated failed");
@@ -110,7 +121,7 @@ pub async fn announce(js: &async_nats::jetstream::Context, subjects: &Subjects, 
     };
     let out = Outgoing {
         subject: subjects.campaign_created(id),
-        msg_id: format!("created:{id}"),
+        msg_id: format!("created:{id}.{epoch}"),
         payload: payload.into(),
     };
     if let Err(e) = publish_all(js, &[out]).await {
@@ -162,6 +173,15 @@ impl Stage for Sharder {
                 }
             }
         };
+        if created.epoch != self.epoch {
+            // An older campaign that had the same id: not ours, nothing to do.
+            tracing::debug!(
+                campaign_id = self.campaign_id,
+                epoch = created.epoch,
+                "stale CampaignCreated skipped"
+            );
+            return Outcome::Done;
+        }
         if created.campaign_id != self.campaign_id {
             return Outcome::Reject {
                 reason: format!(

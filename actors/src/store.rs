@@ -33,6 +33,9 @@ pub struct Campaign {
     pub status: CampaignState,
     /// Buckets, once sharded.
     pub buckets_total: Option<i64>,
+    /// Creation time in ms: with the id, names this campaign in messages and Redis keys, so
+    /// an older campaign with the same id (a recreated database) is never mistaken for it.
+    pub epoch: i64,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -46,6 +49,7 @@ struct CampaignRow {
     audience: String,
     status: String,
     buckets_total: Option<i64>,
+    created_at: DateTime<Utc>,
 }
 
 impl TryFrom<CampaignRow> for Campaign {
@@ -63,6 +67,7 @@ impl TryFrom<CampaignRow> for Campaign {
             audience: serde_json::from_str(&r.audience).map_err(|_| bad("audience"))?,
             status: CampaignState::parse(&r.status).ok_or_else(|| bad("status"))?,
             buckets_total: r.buckets_total,
+            epoch: r.created_at.timestamp_millis(),
         })
     }
 }
@@ -233,8 +238,8 @@ impl Store {
     pub async fn campaign(&self, id: i64) -> Result<Option<Campaign>, DbErr> {
         CampaignRow::find_by_statement(stmt(
             &self.db,
-            "SELECT id, kind, name, inform_type, title, body, audience, status, buckets_total \
-             FROM campaign WHERE id = $1",
+            "SELECT id, kind, name, inform_type, title, body, audience, status, buckets_total, \
+             created_at FROM campaign WHERE id = $1",
             vec![id.into()],
         ))
         .one(&self.db)

@@ -70,13 +70,13 @@ async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
 }
 
 fn bitmap_key(prefix: &str, campaign: i64, user: i64) -> String {
-    format!("{prefix}:c:{campaign}:done:{}", user >> 20)
+    format!("{prefix}:c:{campaign}.0:done:{}", user >> 20)
 }
 
 /// The claims hash of a user's id range, and the user's field in it.
 fn claim_slot(prefix: &str, campaign: i64, user: i64) -> (String, String) {
     (
-        format!("{prefix}:c:{campaign}:claims:{}", user >> 20),
+        format!("{prefix}:c:{campaign}.0:claims:{}", user >> 20),
         (user & ((1 << 20) - 1)).to_string(),
     )
 }
@@ -442,7 +442,7 @@ async fn a_million_confirmed_users_cost_under_200_kb() {
 
         let mut bitmap_bytes = 0;
         for chunk in 0..=(USERS >> 20) {
-            let key = format!("{prefix}:c:{CAMPAIGN}:done:{chunk}");
+            let key = format!("{prefix}:c:{CAMPAIGN}.0:done:{chunk}");
             bitmap_bytes += memory_usage(m.client(), &key).await;
         }
         eprintln!("bitmaps for {USERS} users: {bitmap_bytes} bytes");

@@ -10,7 +10,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{HeaderMap, Message};
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use fred::{
     clients::Client as Redis,
     interfaces::KeysInterface,
@@ -171,7 +171,8 @@ impl ApiService {
                 _ => {}
             }
         }
-        let now = Utc::now();
+        // Whole milliseconds, so the stored time gives back the same epoch on every backend.
+        let now = Utc::now().trunc_subsecs(3);
         let since = now - chrono::Duration::from_std(window).unwrap_or_default();
         // The database check covers a Redis that lost its data within the window.
         let inserted = self
@@ -222,7 +223,10 @@ impl ApiService {
             // Announced after the reply goes out: the row is the record, and a lost
             // announcement is repeated by the node that finds the pending campaign.
             let (js, subjects) = (self.js.clone(), self.subjects.clone());
-            tokio::spawn(async move { herald_actors::sharder::announce(&js, &subjects, id).await });
+            let epoch = now.timestamp_millis();
+            tokio::spawn(async move {
+                herald_actors::sharder::announce(&js, &subjects, id, epoch).await
+            });
             tracing::info!(campaign_id = id, name = %req.name, "campaign created");
         }
         Ok(CreateCampaignReply {

@@ -213,7 +213,13 @@ async fn a_repeat_is_still_a_duplicate_after_redis_lost_its_data() {
     let engine = Engine::start(config).await.unwrap();
     let create = env.subjects().api_campaign_create();
 
-    let (first, _) = raw(&env, create.clone(), serde_json::to_vec(&good()).unwrap(), false).await;
+    let (first, _) = raw(
+        &env,
+        create.clone(),
+        serde_json::to_vec(&good()).unwrap(),
+        false,
+    )
+    .await;
     assert_eq!(first["duplicate"], json!(false));
     // Redis forgets every dedupe key (a flush, a failover without persistence), once the
     // API has recorded the id there.
@@ -225,8 +231,13 @@ async fn a_repeat_is_still_a_duplicate_after_redis_lost_its_data() {
         let (redis, pattern) = (redis.clone(), pattern.clone());
         async move {
             use fred::interfaces::{ClientLike, KeysInterface};
-            let keys: Vec<String> = redis.custom(fred::cmd!("KEYS"), vec![pattern]).await.unwrap();
-            let Some(key) = keys.first() else { return false };
+            let keys: Vec<String> = redis
+                .custom(fred::cmd!("KEYS"), vec![pattern])
+                .await
+                .unwrap();
+            let Some(key) = keys.first() else {
+                return false;
+            };
             let v: Option<String> = redis.get(key).await.unwrap();
             v.is_some_and(|v| v != "pending")
         }
@@ -238,7 +249,11 @@ async fn a_repeat_is_still_a_duplicate_after_redis_lost_its_data() {
         .unwrap();
     let (again, _) = raw(&env, create, serde_json::to_vec(&good()).unwrap(), false).await;
     assert_eq!(again["campaign_id"], first["campaign_id"]);
-    assert_eq!(again["duplicate"], json!(true), "the database remembered it");
+    assert_eq!(
+        again["duplicate"],
+        json!(true),
+        "the database remembered it"
+    );
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }

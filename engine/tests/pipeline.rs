@@ -203,10 +203,17 @@ async fn duplicate_request_sends_nothing_more() {
     );
 
     // Re-announcing the campaign (a duplicate CampaignCreated) sends nothing either.
+    let epoch = herald_actors::store::Store::new(env.db.clone())
+        .campaign(first.campaign_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .epoch;
     herald_actors::sharder::announce(
         &async_nats::jetstream::new(env.nats.clone()),
         &env.subjects(),
         first.campaign_id,
+        epoch,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -446,4 +453,63 @@ async fn two_nodes_share_a_campaign_and_send_once() {
     node_a.shutdown().await.unwrap();
     node_b.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_database_reusing_campaign_ids_still_reaches_everyone() {
+    // First life: campaign 1 runs to completion, leaving its messages in the streams and
+    // its markers in Redis.
+    let old = TestEnv::new("epoch1").await.unwrap();
+    old.seed(2_000).await.unwrap();
+    let (engine, _) = start_simulated(&old, 0).await;
+    let first = old.create(&promo("first life")).await.unwrap().unwrap();
+    old.wait_completed(first.campaign_id, LONG).await.unwrap();
+    engine.shutdown().await.unwrap();
+
+    // Second life: a fresh database (ids start again at 1) on the same streams and Redis.
+    let new = TestEnv::new("epoch2").await.unwrap();
+    new.seed(3_000).await.unwrap();
+    let mut config = new.config.clone();
+    config.nats.prefix = old.prefix.clone();
+    let provider = simulated(0);
+    let ledger = provider.ledger();
+    let engine = Engine::builder(config)
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+    let reply: herald_engine::schemas::CreateCampaignReply = herald_engine::api::request(
+        &new.nats,
+        old.subjects().api_campaign_create(),
+        herald_engine::schemas::Encoding::Json,
+        &promo("second life"),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(reply.campaign_id, first.campaign_id, "the id is reused");
+    let store = herald_actors::store::Store::new(new.db.clone());
+    assert!(
+        wait_until(LONG, || async {
+            store
+                .status(reply.campaign_id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.status == "completed")
+        })
+        .await
+    );
+    let row = store.status(reply.campaign_id).await.unwrap().unwrap();
+    assert_eq!(
+        ledger.total(),
+        3_000,
+        "no user skipped for the old campaign's markers"
+    );
+    assert_eq!(ledger.duplicates(), 0);
+    assert_eq!((row.recipients, row.sent, row.skipped), (3_000, 3_000, 0));
+    engine.shutdown().await.unwrap();
+    new.cleanup().await.unwrap();
+    old.cleanup().await.unwrap();
 }

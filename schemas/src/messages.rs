@@ -49,6 +49,10 @@ impl std::fmt::Display for InformType {
 pub struct CampaignCreated {
     /// Schema version.
     pub v: u16,
+    /// The campaign's creation time in ms: tells this campaign apart from an older one
+    /// with the same id (a restored or recreated database).
+    #[serde(default)]
+    pub epoch: i64,
     /// The campaign's database id.
     pub campaign_id: i64,
 }
@@ -58,8 +62,15 @@ impl CampaignCreated {
     pub fn new(campaign_id: i64) -> Self {
         Self {
             v: SCHEMA_VERSION,
+            epoch: 0,
             campaign_id,
         }
+    }
+
+    /// Sets the campaign epoch.
+    pub fn with_epoch(mut self, epoch: i64) -> Self {
+        self.epoch = epoch;
+        self
     }
 }
 
@@ -68,6 +79,10 @@ impl CampaignCreated {
 pub struct BucketTask {
     /// Schema version.
     pub v: u16,
+    /// The campaign's creation time in ms: tells this campaign apart from an older one
+    /// with the same id (a restored or recreated database).
+    #[serde(default)]
+    pub epoch: i64,
     /// The campaign.
     pub campaign_id: i64,
     /// Bucket number, 0-based; with the campaign id it names the bucket.
@@ -83,6 +98,7 @@ impl BucketTask {
     pub fn new(campaign_id: i64, bucket: i64, start_id: i64, end_id: i64) -> Self {
         Self {
             v: SCHEMA_VERSION,
+            epoch: 0,
             campaign_id,
             bucket,
             start_id,
@@ -90,9 +106,16 @@ impl BucketTask {
         }
     }
 
-    /// The deterministic `Nats-Msg-Id`, so a re-publish after a crash is deduplicated.
+    /// Sets the campaign epoch.
+    pub fn with_epoch(mut self, epoch: i64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// The deterministic `Nats-Msg-Id` (campaign.epoch:bucket), so a re-publish after a
+    /// crash is deduplicated.
     pub fn msg_id(&self) -> String {
-        format!("{}:{}", self.campaign_id, self.bucket)
+        format!("{}.{}:{}", self.campaign_id, self.epoch, self.bucket)
     }
 }
 
@@ -101,6 +124,10 @@ impl BucketTask {
 pub struct PushBatch {
     /// Schema version.
     pub v: u16,
+    /// The campaign's creation time in ms: tells this campaign apart from an older one
+    /// with the same id (a restored or recreated database).
+    #[serde(default)]
+    pub epoch: i64,
     /// The campaign.
     pub campaign_id: i64,
     /// The bucket this batch was expanded from.
@@ -116,6 +143,7 @@ impl PushBatch {
     pub fn new(campaign_id: i64, bucket: i64, part: i32, user_ids: Vec<i64>) -> Self {
         Self {
             v: SCHEMA_VERSION,
+            epoch: 0,
             campaign_id,
             bucket,
             part,
@@ -123,9 +151,18 @@ impl PushBatch {
         }
     }
 
-    /// The deterministic `Nats-Msg-Id` (campaign:bucket:part).
+    /// Sets the campaign epoch.
+    pub fn with_epoch(mut self, epoch: i64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// The deterministic `Nats-Msg-Id` (campaign.epoch:bucket:part).
     pub fn msg_id(&self) -> String {
-        format!("{}:{}:{}", self.campaign_id, self.bucket, self.part)
+        format!(
+            "{}.{}:{}:{}",
+            self.campaign_id, self.epoch, self.bucket, self.part
+        )
     }
 }
 
@@ -197,8 +234,9 @@ mod tests {
         let b = PushBatch::new(42, 3, 1, vec![3001, 3002]);
         let bytes = encode(&b).unwrap();
         let back: PushBatch = decode(&bytes).unwrap();
-        assert_eq!(back, b);
-        assert_eq!(b.msg_id(), "42:3:1");
+        assert_eq!(back, b.clone());
+        assert_eq!(b.msg_id(), "42.0:3:1");
+        assert_eq!(b.with_epoch(7).msg_id(), "42.7:3:1");
     }
 
     #[test]
