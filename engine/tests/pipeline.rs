@@ -39,6 +39,17 @@ fn simulated(latency_ms: u64) -> Arc<SimulatedProvider> {
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// A node on the environment whose app channel posts to `sink`.
+async fn start_webhook(env: &TestEnv, sink: &WebhookSink) -> Engine {
+    let mut config = env.config.clone();
+    config.providers.app = ProviderConfig::Webhook {
+        url: sink.url(),
+        timeout_ms: 2000,
+        max_connections: 64,
+    };
+    Engine::start(config).await.unwrap()
+}
+
 /// A node on the environment with a simulated provider for every channel, and its ledger.
 async fn start_simulated(env: &TestEnv, latency_ms: u64) -> (Engine, Ledger) {
     let provider = simulated(latency_ms);
@@ -86,13 +97,7 @@ async fn webhook_delivers_exactly_once_through_429_and_503() {
     })
     .await
     .unwrap();
-    let mut config = env.config.clone();
-    config.providers.app = ProviderConfig::Webhook {
-        url: sink.url(),
-        timeout_ms: 2000,
-        max_connections: 64,
-    };
-    let engine = Engine::start(config).await.unwrap();
+    let engine = start_webhook(&env, &sink).await;
 
     let reply = env.create(&promo("flaky gateway")).await.unwrap().unwrap();
     let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
@@ -124,13 +129,7 @@ async fn permanent_4xx_is_recorded_as_failed_and_not_retried() {
     })
     .await
     .unwrap();
-    let mut config = env.config.clone();
-    config.providers.app = ProviderConfig::Webhook {
-        url: sink.url(),
-        timeout_ms: 2000,
-        max_connections: 64,
-    };
-    let engine = Engine::start(config).await.unwrap();
+    let engine = start_webhook(&env, &sink).await;
 
     let reply = env.create(&promo("some rejected")).await.unwrap().unwrap();
     let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
