@@ -298,15 +298,14 @@ impl Markers {
             .collect())
     }
 
-    /// Confirms `users` as settled by this batch; returns the batch's running total for
-    /// `kind` across all its deliveries.
+    /// Confirms `users` as settled by this batch, dropping their claims whoever holds them;
+    /// returns the batch's running total for `kind` across all its deliveries.
     pub async fn confirm(
         &self,
         campaign: impl Into<CampaignRef>,
         batch_field: &str,
         kind: Settled,
         users: &[i64],
-        _token: &str,
     ) -> Result<i64, MarkerError> {
         let campaign: CampaignRef = campaign.into();
         let (chunks, pairs) = Self::ranges(users);

@@ -146,7 +146,7 @@ impl PushSender {
         let failed_users: Vec<i64> = failed.iter().map(|(u, _)| *u).collect();
         let total_sent = settle_with_retries(|| async {
             markers
-                .confirm(scope, &field, Settled::Sent, &sent, &token)
+                .confirm(scope, &field, Settled::Sent, &sent)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -158,7 +158,7 @@ impl PushSender {
                 .await
                 .map_err(|e| e.to_string())?;
             markers
-                .confirm(scope, &field, Settled::Failed, &failed_users, &token)
+                .confirm(scope, &field, Settled::Failed, &failed_users)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -8,9 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement, Value,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, FromQueryResult, Statement, Value};
 
 /// A campaign row, as the pipeline needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -523,11 +521,6 @@ impl Store {
         ))
         .one(&self.db)
         .await
-    }
-
-    /// The database backend.
-    pub fn backend(&self) -> DbBackend {
-        self.db.get_database_backend()
     }
 }
 

@@ -177,7 +177,7 @@ async fn confirmed_users_are_done_for_every_token() {
         assert!(!m.is_done(CAMPAIGN, 7).await.unwrap());
         m.claim(CAMPAIGN, &users, "a").await.unwrap();
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users)
                 .await
                 .unwrap(),
             3
@@ -212,43 +212,41 @@ async fn confirming_the_same_users_twice_adds_nothing_to_the_batch_total() {
         let first = [100, 101, 102];
         m.claim(CAMPAIGN, &first, "a").await.unwrap();
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first)
                 .await
                 .unwrap(),
             3
         );
         // A redelivered batch confirms the same users again.
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first)
                 .await
                 .unwrap(),
             3
         );
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first, "b")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &first)
                 .await
                 .unwrap(),
             3
         );
         // Two more users of the same batch, with one repeat among them.
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[102, 103, 104], "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[102, 103, 104])
                 .await
                 .unwrap(),
             5
         );
         // Another batch has its own total.
         assert_eq!(
-            m.confirm(CAMPAIGN, "b2", Settled::Sent, &[200], "a")
+            m.confirm(CAMPAIGN, "b2", Settled::Sent, &[200])
                 .await
                 .unwrap(),
             1
         );
         // An empty confirm reads the total without changing it.
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a")
-                .await
-                .unwrap(),
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[]).await.unwrap(),
             5
         );
     })
@@ -259,25 +257,23 @@ async fn confirming_the_same_users_twice_adds_nothing_to_the_batch_total() {
 async fn sent_and_failed_totals_are_separate() {
     with_markers(Duration::from_secs(30), |m, _| async move {
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[1, 2, 3], "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[1, 2, 3])
                 .await
                 .unwrap(),
             3
         );
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Failed, &[4, 5], "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Failed, &[4, 5])
                 .await
                 .unwrap(),
             2
         );
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[], "a")
-                .await
-                .unwrap(),
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[]).await.unwrap(),
             3
         );
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Failed, &[6], "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Failed, &[6])
                 .await
                 .unwrap(),
             3
@@ -289,7 +285,7 @@ async fn sent_and_failed_totals_are_separate() {
         );
         // A user settled once does not count again under the other kind.
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[4], "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &[4])
                 .await
                 .unwrap(),
             3
@@ -371,7 +367,7 @@ async fn user_ids_in_different_bitmap_ranges_all_work() {
             all(ClaimState::Claimed, 5)
         );
         assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users, "a")
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users)
                 .await
                 .unwrap(),
             5
@@ -421,9 +417,7 @@ async fn a_million_confirmed_users_cost_under_200_kb() {
                 async move {
                     let users: Vec<i64> = (b * BATCH + 1..=(b + 1) * BATCH).collect();
                     let field = format!("b{b}");
-                    let total = m
-                        .confirm(CAMPAIGN, &field, Settled::Sent, &users, "a")
-                        .await?;
+                    let total = m.confirm(CAMPAIGN, &field, Settled::Sent, &users).await?;
                     assert_eq!(total, BATCH, "batch {b}");
                     Ok::<_, herald_actors::markers::MarkerError>(())
                 }
