@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use async_nats::jetstream::{self, consumer::pull, stream};
+use async_nats::jetstream::{self, consumer::pull};
 use fred::{
     clients::Client,
     interfaces::{ClientLike, KeysInterface},
@@ -41,24 +41,17 @@ pub async fn run(
     concurrency: usize,
 ) -> anyhow::Result<BaselineResult> {
     let js = jetstream::new(nats.clone());
-    let name = format!("{}_BASELINE", prefix.to_ascii_uppercase());
-    let subject = format!("{prefix}.baseline.users");
-    let _ = js.delete_stream(&name).await;
-    let st = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await?;
-    let consumer = st
-        .create_consumer(pull::Config {
-            durable_name: Some("baseline".into()),
+    let (name, subject, messages) = crate::scratch::stream_with_consumer(
+        &js,
+        prefix,
+        "baseline",
+        pull::Config {
             ack_wait: std::time::Duration::from_secs(60),
             max_ack_pending: concurrency as i64 * 2,
             ..Default::default()
-        })
-        .await?;
+        },
+    )
+    .await?;
     let redis =
         herald_actors::markers::connect(redis_url, std::time::Duration::from_secs(10)).await?;
     let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
@@ -69,35 +62,22 @@ pub async fn run(
     let ledger = provider.ledger();
     let started = Instant::now();
 
-    // Producer: one message per user, acks awaited in windows of 1000.
-    let producer = {
-        let js = js.clone();
-        let subject = subject.clone();
-        tokio::spawn(async move {
-            let mut acks = Vec::with_capacity(1000);
-            for user_id in 1..=users {
-                let m = UserMessage {
-                    campaign_id: 1,
-                    user_id,
-                    title: "Double 11 is on".into(),
-                    body: "Open the app for your deal".into(),
-                };
-                let payload = rmp_serde::to_vec_named(&m)?;
-                acks.push(js.publish(subject.clone(), payload.into()).await?);
-                if acks.len() == 1000 {
-                    for a in acks.drain(..) {
-                        a.await?;
-                    }
-                }
-            }
-            for a in acks {
-                a.await?;
-            }
-            anyhow::Ok(())
-        })
-    };
+    // One message per user.
+    let producer = crate::scratch::produce(
+        js.clone(),
+        subject,
+        (1..=users).map(|user_id| {
+            let m = UserMessage {
+                campaign_id: 1,
+                user_id,
+                title: "Double 11 is on".into(),
+                body: "Open the app for your deal".into(),
+            };
+            Ok(rmp_serde::to_vec_named(&m)?.into())
+        }),
+    );
 
-    let mut messages = consumer.messages().await?.take(users as usize);
+    let mut messages = messages.take(users as usize);
     let key_prefix = format!("{prefix}:baseline");
     let handled = futures::stream::poll_fn(|cx| messages.poll_next_unpin(cx))
         .map(|m| {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use async_nats::jetstream::{self, consumer::pull, stream};
+use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use herald_engine::schemas::{encode, PushBatch};
 
@@ -20,48 +20,27 @@ pub async fn run(
     users: i64,
 ) -> anyhow::Result<CeilingResult> {
     let js = jetstream::new(nats.clone());
-    let name = format!("{}_CEILING", prefix.to_ascii_uppercase());
-    let subject = format!("{prefix}.ceiling");
-    let _ = js.delete_stream(&name).await;
-    let st = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await?;
-    let consumer = st
-        .create_consumer(pull::Config {
-            durable_name: Some("ceiling".into()),
+    let (name, subject, stream) = crate::scratch::stream_with_consumer(
+        &js,
+        prefix,
+        "ceiling",
+        pull::Config {
             max_ack_pending: 10_000,
             ..Default::default()
-        })
-        .await?;
+        },
+    )
+    .await?;
     let messages = (users + 99) / 100;
     let sample = encode(&PushBatch::new(1, 1, 0, (1_000_000..1_000_100).collect()))?;
     let size = sample.len();
     let started = Instant::now();
-    let producer = {
-        let js = js.clone();
-        let subject = subject.clone();
-        let payload = bytes::Bytes::from(sample);
-        tokio::spawn(async move {
-            let mut acks = Vec::with_capacity(1000);
-            for _ in 0..messages {
-                acks.push(js.publish(subject.clone(), payload.clone()).await?);
-                if acks.len() == 1000 {
-                    for a in acks.drain(..) {
-                        a.await?;
-                    }
-                }
-            }
-            for a in acks {
-                a.await?;
-            }
-            anyhow::Ok(())
-        })
-    };
-    let mut stream = consumer.messages().await?.take(messages as usize);
+    let payload = bytes::Bytes::from(sample);
+    let producer = crate::scratch::produce(
+        js.clone(),
+        subject,
+        (0..messages).map(move |_| Ok(payload.clone())),
+    );
+    let mut stream = stream.take(messages as usize);
     let mut n = 0u64;
     while let Some(m) = stream.next().await {
         let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -16,6 +16,8 @@ mod counting;
 mod create_latency;
 #[path = "../bench/proc.rs"]
 mod proc;
+#[path = "../bench/scratch.rs"]
+mod scratch;
 
 use std::{sync::Arc, time::Instant};
 
