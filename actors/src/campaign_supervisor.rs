@@ -1,18 +1,19 @@
-//! One campaign on one node: spawns the push sender, bucket expander and sharder
-//! (downstream first), restarts a failed child up to a limit, and checks the campaign's
+//! One campaign on one node: spawns the push sender (or, for an eager coupon, the coupon
+//! issuer), bucket expander and sharder (downstream first), restarts a failed child up to a limit, and checks the campaign's
 //! records for completion. Every node runs a supervisor per active campaign; their workers
 //! share the stage consumers, and whichever node sees completion first records it.
 
 use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
-use herald_schemas::CampaignState;
+use herald_schemas::{CampaignKind, CampaignState};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::task::JoinHandle;
 
 use crate::{
     bucket_expander::BucketExpander,
     context::Shared,
+    coupons::issuer_stage::CouponIssuer,
     push_sender::PushSender,
     sharder::Sharder,
     stage::{durable_name, Stage, StageArgs, StageWorker},
@@ -66,6 +67,10 @@ impl CampaignSupervisor {
         let campaign = state.campaign.clone();
         let cell = myself.get_cell();
         let actor: ActorCell = match child {
+            Child::Sender if campaign.kind == CampaignKind::CouponEager.as_str() => {
+                let stage = CouponIssuer::new(shared.clone(), campaign.clone())?;
+                spawn_stage(stage, shared, campaign, cell).await?
+            }
             Child::Sender => {
                 let stage = PushSender::new(shared.clone(), campaign.clone())?;
                 spawn_stage(stage, shared, campaign, cell).await?
@@ -139,10 +144,15 @@ impl CampaignSupervisor {
         let topo = &state.shared.topology;
         let s = topo.subjects();
         let id = state.campaign.id;
+        let last = if state.campaign.kind == CampaignKind::CouponEager.as_str() {
+            CouponIssuer::NAME
+        } else {
+            PushSender::NAME
+        };
         for (stream, name) in [
             (s.campaigns_stream(), Sharder::NAME),
             (s.buckets_stream(), BucketExpander::NAME),
-            (s.push_stream(), PushSender::NAME),
+            (s.push_stream(), last),
         ] {
             let durable = durable_name(s.prefix(), name, id);
             if let Err(e) = topo.delete_consumer(&stream, &durable).await {

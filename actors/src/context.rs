@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use herald_nats::{ConsumeSettings, StageConsumer, Topology};
 use tokio::sync::Semaphore;
 
-use crate::{markers::Markers, provider::Providers, store::Store};
+use crate::{coupons::ActiveCoupons, markers::Markers, provider::Providers, store::Store};
 
 /// How one stage pulls and retries.
 #[derive(Debug, Clone)]
@@ -66,6 +66,12 @@ pub struct PipelineSettings {
     pub expand: StageSettings,
     /// Push sender stage.
     pub push: StageSettings,
+    /// Event consumers (logins, order cancellations); `concurrency` counts batches.
+    pub events: StageSettings,
+    /// Most events per batch.
+    pub event_batch_size: usize,
+    /// How often a node writes the database's active lazy coupons into Redis.
+    pub coupon_sync_interval: Duration,
     /// Provider calls in flight on this node, all campaigns together.
     pub send_concurrency: usize,
     /// Tries per recipient within one delivery of a batch before the batch is retried later.
@@ -106,8 +112,15 @@ impl Default for PipelineSettings {
             expand: stage.clone(),
             push: StageSettings {
                 concurrency: 64,
+                ..stage.clone()
+            },
+            events: StageSettings {
+                concurrency: 4,
+                max_ack_pending: 20_000,
                 ..stage
             },
+            event_batch_size: 500,
+            coupon_sync_interval: Duration::from_secs(10),
             send_concurrency: 2048,
             send_attempts: 4,
             send_retry_base: Duration::from_millis(100),
@@ -132,6 +145,8 @@ pub struct Shared {
     pub store: Store,
     /// Idempotency markers.
     pub markers: Markers,
+    /// The active lazy coupons in Redis.
+    pub coupons: ActiveCoupons,
     /// Providers by inform type.
     pub providers: Providers,
     /// Knobs.
@@ -152,12 +167,18 @@ impl Shared {
         settings: PipelineSettings,
     ) -> Arc<Self> {
         let permits = Arc::new(Semaphore::new(settings.send_concurrency.max(1)));
+        let coupons = ActiveCoupons::new(
+            markers.client().clone(),
+            &topology.subjects().redis_prefix(),
+            settings.claim_ttl,
+        );
         Arc::new(Self {
             node_id,
             nats,
             topology,
             store,
             markers,
+            coupons,
             providers,
             settings,
             send_permits: permits,

@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 use crate::{
     campaign_supervisor::{CampaignSupervisor, SupervisorArgs, SupervisorMsg},
     context::Shared,
+    coupons::{login_issuer::LoginIssuer, releaser::CouponReleaser},
+    event_worker::{EventHandler, EventWorker},
 };
 
 /// How often the root looks for campaigns it is not running yet.
@@ -37,10 +39,36 @@ pub struct RootState {
     shared: Arc<Shared>,
     running: HashMap<i64, ActorRef<SupervisorMsg>>,
     by_actor: HashMap<ActorId, i64>,
+    events: HashMap<&'static str, ActorId>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl EngineRoot {
+    /// Starts the event workers that are not running; a failure is retried on the next scan.
+    async fn ensure_events(myself: &ActorRef<RootMsg>, state: &mut RootState) {
+        let shared = state.shared.clone();
+        Self::ensure_event(myself, state, Arc::new(LoginIssuer::new(shared.clone()))).await;
+        Self::ensure_event(myself, state, Arc::new(CouponReleaser::new(shared))).await;
+    }
+
+    async fn ensure_event<H: EventHandler>(
+        myself: &ActorRef<RootMsg>,
+        state: &mut RootState,
+        handler: Arc<H>,
+    ) {
+        if state.events.contains_key(H::NAME) {
+            return;
+        }
+        let args = (state.shared.clone(), handler);
+        match Actor::spawn_linked(None, EventWorker::<H>::default(), args, myself.get_cell()).await
+        {
+            Ok((actor, _)) => {
+                state.events.insert(H::NAME, actor.get_id());
+            }
+            Err(e) => tracing::warn!(handler = H::NAME, error = %e, "event worker not started"),
+        }
+    }
+
     async fn ensure(myself: &ActorRef<RootMsg>, state: &mut RootState, campaign_id: i64) {
         if state.running.contains_key(&campaign_id) {
             return;
@@ -94,6 +122,7 @@ impl Actor for EngineRoot {
             shared,
             running: HashMap::new(),
             by_actor: HashMap::new(),
+            events: HashMap::new(),
             tasks: vec![listener, scanner],
         })
     }
@@ -106,7 +135,10 @@ impl Actor for EngineRoot {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::Ensure(id) => Self::ensure(&myself, state, id).await,
-            RootMsg::Scan => match state.shared.store.active_campaign_ids().await {
+            RootMsg::Scan => match {
+                Self::ensure_events(&myself, state).await;
+                state.shared.store.active_campaign_ids().await
+            } {
                 Ok(ids) => {
                     for id in ids {
                         Self::ensure(&myself, state, id).await;
@@ -137,7 +169,9 @@ impl Actor for EngineRoot {
             SupervisionEvent::ActorTerminated(cell, _, _) => cell,
             _ => return Ok(()),
         };
-        // The next scan starts it again if the campaign is still active.
+        // The next scan starts it again (an event worker, or a campaign still active).
+        let id = cell.get_id();
+        state.events.retain(|_, a| *a != id);
         if let Some(id) = state.by_actor.remove(&cell.get_id()) {
             state.running.remove(&id);
         }

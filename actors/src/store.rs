@@ -34,6 +34,8 @@ pub struct Campaign {
     /// Creation time in ms: with the id, names this campaign in messages and Redis keys, so
     /// an older campaign with the same id (a recreated database) is never mistaken for it.
     pub epoch: i64,
+    /// The coupon a `coupon_segment` or `coupon_eager` campaign pushes or issues.
+    pub coupon_id: Option<i64>,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -48,6 +50,7 @@ struct CampaignRow {
     status: String,
     buckets_total: Option<i64>,
     created_at: DateTime<Utc>,
+    coupon_id: Option<i64>,
 }
 
 impl TryFrom<CampaignRow> for Campaign {
@@ -66,6 +69,7 @@ impl TryFrom<CampaignRow> for Campaign {
             status: CampaignState::parse(&r.status).ok_or_else(|| bad("status"))?,
             buckets_total: r.buckets_total,
             epoch: r.created_at.timestamp_millis(),
+            coupon_id: r.coupon_id,
         })
     }
 }
@@ -93,6 +97,8 @@ pub struct NewCampaign {
     pub audience: Audience,
     /// Dedupe key of the request.
     pub dedupe_key: String,
+    /// The coupon of a coupon campaign.
+    pub coupon_id: Option<i64>,
 }
 
 /// Counters of a campaign, summed from its bucket and batch records.
@@ -149,7 +155,7 @@ pub struct Store {
     db: DatabaseConnection,
 }
 
-fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> Statement {
+pub(crate) fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> Statement {
     Statement::from_sql_and_values(db.get_database_backend(), sql, values)
 }
 
@@ -181,9 +187,10 @@ impl Store {
         let row = Id::find_by_statement(stmt(
             &self.db,
             "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
-             body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, 0, 0, 0, 0, $11 \
-             WHERE NOT EXISTS (SELECT 1 FROM campaign WHERE dedupe_key = $10 AND created_at >= $12) \
+             body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at, \
+             coupon_id) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, 0, 0, 0, 0, $11, $12 \
+             WHERE NOT EXISTS (SELECT 1 FROM campaign WHERE dedupe_key = $10 AND created_at >= $13) \
              RETURNING id",
             vec![
                 c.kind.clone().into(),
@@ -197,6 +204,7 @@ impl Store {
                 audience.into(),
                 c.dedupe_key.clone().into(),
                 now.into(),
+                c.coupon_id.into(),
                 since.into(),
             ],
         ))
@@ -237,7 +245,7 @@ impl Store {
         CampaignRow::find_by_statement(stmt(
             &self.db,
             "SELECT id, kind, name, inform_type, title, body, audience, status, buckets_total, \
-             created_at FROM campaign WHERE id = $1",
+             created_at, coupon_id FROM campaign WHERE id = $1",
             vec![id.into()],
         ))
         .one(&self.db)
@@ -526,7 +534,7 @@ impl Store {
 
 /// Joins and extra conditions (each prefixed with ` AND `) selecting the audience, with
 /// placeholders numbered from `$first`.
-fn audience_sql(audience: &Audience, first: usize) -> (String, String, Vec<Value>) {
+pub(crate) fn audience_sql(audience: &Audience, first: usize) -> (String, String, Vec<Value>) {
     let Audience::Segment(SegmentFilter {
         member_levels,
         min_points,

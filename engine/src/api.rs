@@ -1,5 +1,6 @@
-//! The NATS request/reply API: `<prefix>.api.campaign.create` and
-//! `<prefix>.api.campaign.status`. Bodies are JSON, or MessagePack with
+//! The NATS request/reply API: `<prefix>.api.campaign.create` and `.status`, and
+//! `<prefix>.api.coupon.create`, `.claim` and `.status` ([`coupons`]). Bodies are JSON, or
+//! MessagePack with
 //! `Content-Type: application/msgpack`; the reply uses the request's encoding. Every node
 //! serves in one queue group, so requests spread over the nodes.
 //!
@@ -10,14 +11,17 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{HeaderMap, Message};
-use chrono::{SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use fred::{
     clients::Client as Redis,
     interfaces::KeysInterface,
     types::{Expiration, SetOptions},
 };
 use futures::StreamExt;
-use herald_actors::store::{NewCampaign, Store};
+use herald_actors::{
+    coupons::ActiveCoupons,
+    store::{NewCampaign, Store},
+};
 use herald_schemas::{
     parse_request, ApiError, CampaignState, CampaignStatusReply, CampaignStatusRequest,
     CreateCampaignReply, CreateCampaignRequest, Encoding, ErrorReply, Subjects,
@@ -25,6 +29,8 @@ use herald_schemas::{
 use serde::Serialize;
 use tokio::{sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+
+mod coupons;
 
 /// How long a create in progress holds its dedupe key before a repeat may proceed.
 const PENDING_TTL: Duration = Duration::from_secs(30);
@@ -46,37 +52,51 @@ pub struct ApiService {
     pub dedupe_window: Duration,
     /// Requests in flight.
     pub max_in_flight: usize,
+    /// The active lazy coupons in Redis.
+    pub coupons: ActiveCoupons,
+}
+
+/// The request subjects the service answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    CampaignCreate,
+    CampaignStatus,
+    CouponCreate,
+    CouponClaim,
+    CouponStatus,
 }
 
 impl ApiService {
     /// Subscribes and serves until `stop` is cancelled; in-flight requests are finished.
     pub async fn spawn(self, stop: CancellationToken) -> anyhow::Result<JoinHandle<()>> {
         let group = format!("{}-api", self.subjects.prefix());
-        let create = self
-            .nats
-            .queue_subscribe(self.subjects.api_campaign_create(), group.clone())
-            .await?;
-        let status = self
-            .nats
-            .queue_subscribe(self.subjects.api_campaign_status(), group)
-            .await?;
+        let s = &self.subjects;
+        let mut subs = Vec::new();
+        for (endpoint, subject) in [
+            (Endpoint::CampaignCreate, s.api_campaign_create()),
+            (Endpoint::CampaignStatus, s.api_campaign_status()),
+            (Endpoint::CouponCreate, s.api_coupon_create()),
+            (Endpoint::CouponClaim, s.api_coupon_claim()),
+            (Endpoint::CouponStatus, s.api_coupon_status()),
+        ] {
+            let sub = self.nats.queue_subscribe(subject, group.clone()).await?;
+            subs.push(sub.map(move |m| (endpoint, m)).boxed());
+        }
         // Make sure the server has the subscriptions before callers are told we are up.
         herald_nats::sync_with_server(&self.nats).await;
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.max_in_flight.max(1)));
         Ok(tokio::spawn(async move {
-            let requests =
-                futures::stream::select(create.map(|m| (true, m)), status.map(|m| (false, m)))
-                    .take_until(stop.cancelled_owned());
+            let requests = futures::stream::select_all(subs).take_until(stop.cancelled_owned());
             let mut requests = std::pin::pin!(requests);
             let mut tasks = tokio::task::JoinSet::new();
-            while let Some((is_create, msg)) = requests.next().await {
+            while let Some((endpoint, msg)) = requests.next().await {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
                 let this = this.clone();
                 tasks.spawn(async move {
-                    this.serve(is_create, msg).await;
+                    this.serve(endpoint, msg).await;
                     drop(permit);
                 });
                 while tasks.try_join_next().is_some() {}
@@ -85,23 +105,20 @@ impl ApiService {
         }))
     }
 
-    async fn serve(&self, is_create: bool, msg: Message) {
+    async fn serve(&self, endpoint: Endpoint, msg: Message) {
         let encoding = Encoding::from_content_type(
             msg.headers
                 .as_ref()
                 .and_then(|h| h.get("Content-Type"))
                 .map(|v| v.as_str()),
         );
-        let body = if is_create {
-            match self.create(encoding, &msg.payload).await {
-                Ok(r) => encoding.encode(&r),
-                Err(e) => encoding.encode(&ErrorReply::from(e)),
-            }
-        } else {
-            match self.status(encoding, &msg.payload).await {
-                Ok(r) => encoding.encode(&r),
-                Err(e) => encoding.encode(&ErrorReply::from(e)),
-            }
+        let body = &msg.payload;
+        let body = match endpoint {
+            Endpoint::CampaignCreate => reply(encoding, self.create(encoding, body).await),
+            Endpoint::CampaignStatus => reply(encoding, self.status(encoding, body).await),
+            Endpoint::CouponCreate => reply(encoding, self.create_coupon(encoding, body).await),
+            Endpoint::CouponClaim => reply(encoding, self.claim_coupon(encoding, body).await),
+            Endpoint::CouponStatus => reply(encoding, self.coupon_status(encoding, body).await),
         };
         let Some(reply) = msg.reply else {
             return; // a publish, not a request: nobody to answer
@@ -124,17 +141,22 @@ impl ApiService {
         }
     }
 
-    async fn create(
+    /// Runs `insert` once per dedupe key within the window and returns its id, whether this
+    /// call is a repeat, and the creation time handed to `insert`. Redis spots repeats within the window; `insert` gets the time
+    /// and the window's start, so the database can catch repeats Redis has forgotten.
+    async fn deduped<F, Fut>(
         &self,
-        encoding: Encoding,
-        body: &[u8],
-    ) -> Result<CreateCampaignReply, ApiError> {
-        let req: CreateCampaignRequest = parse_request(encoding, body)?;
-        req.validate()?;
+        dedupe_key: &str,
+        insert: F,
+    ) -> Result<(i64, bool, DateTime<Utc>), ApiError>
+    where
+        F: FnOnce(DateTime<Utc>, DateTime<Utc>) -> Fut,
+        Fut: std::future::Future<Output = Result<(i64, bool), sea_orm::DbErr>>,
+    {
         let key = format!(
             "{}:dedupe:{}",
             self.subjects.redis_prefix(),
-            hex_digest(&req.dedupe_key())
+            hex_digest(dedupe_key)
         );
         let window = self.dedupe_window;
         // Take the key for this create; a repeat finds it and gets the same id.
@@ -156,13 +178,7 @@ impl ApiService {
             }
             let current: Option<String> = self.redis.get(&key).await.map_err(redis_err)?;
             match current.as_deref().map(str::parse::<i64>) {
-                Some(Ok(id)) => {
-                    return Ok(CreateCampaignReply {
-                        ok: true,
-                        campaign_id: id,
-                        duplicate: true,
-                    })
-                }
+                Some(Ok(id)) => return Ok((id, true, Utc::now())),
                 Some(Err(_)) if waited < PENDING_TTL => {
                     // The same request is being created right now: wait for its id.
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -174,32 +190,11 @@ impl ApiService {
         // Whole milliseconds, so the stored time gives back the same epoch on every backend.
         let now = Utc::now().trunc_subsecs(3);
         let since = now - chrono::Duration::from_std(window).unwrap_or_default();
-        // The database check covers a Redis that lost its data within the window.
-        let inserted = self
-            .store
-            .insert_campaign(
-                &NewCampaign {
-                    kind: req.kind.as_str().into(),
-                    name: req.name.clone(),
-                    created_by: req.created_by.clone(),
-                    starts_at: req.starts_at,
-                    ends_at: req.ends_at,
-                    inform_type: req.inform_type,
-                    title: req.title.clone(),
-                    body: req.body.clone(),
-                    audience: req.audience.clone(),
-                    dedupe_key: req.dedupe_key(),
-                },
-                now,
-                since,
-            )
-            .await
-            .map_err(db_err);
-        let (id, duplicate) = match inserted {
+        let (id, duplicate) = match insert(now, since).await {
             Ok((id, inserted)) => (id, !inserted),
             Err(e) => {
                 let _: Result<i64, _> = self.redis.del(&key).await;
-                return Err(e);
+                return Err(db_err(e));
             }
         };
         // Repeats now get the id from Redis; one that came in meanwhile waits for it.
@@ -216,17 +211,40 @@ impl ApiService {
                 )
                 .await;
             if let Err(e) = r {
-                tracing::warn!(campaign_id = id, error = %e, "recording dedupe key failed; the database check still holds");
+                tracing::warn!(id, error = %e, "recording dedupe key failed; the database check still holds");
             }
         });
+        Ok((id, duplicate, now))
+    }
+
+    async fn create(
+        &self,
+        encoding: Encoding,
+        body: &[u8],
+    ) -> Result<CreateCampaignReply, ApiError> {
+        let req: CreateCampaignRequest = parse_request(encoding, body)?;
+        req.validate()?;
+        let new = NewCampaign {
+            kind: req.kind.as_str().into(),
+            name: req.name.clone(),
+            created_by: req.created_by.clone(),
+            starts_at: req.starts_at,
+            ends_at: req.ends_at,
+            inform_type: req.inform_type,
+            title: req.title.clone(),
+            body: req.body.clone(),
+            audience: req.audience.clone(),
+            dedupe_key: req.dedupe_key(),
+            coupon_id: None,
+        };
+        let store = &self.store;
+        let (id, duplicate, now) = self
+            .deduped(&new.dedupe_key, |now, since| {
+                store.insert_campaign(&new, now, since)
+            })
+            .await?;
         if !duplicate {
-            // Announced after the reply goes out: the row is the record, and a lost
-            // announcement is repeated by the node that finds the pending campaign.
-            let (js, subjects) = (self.js.clone(), self.subjects.clone());
-            let epoch = now.timestamp_millis();
-            tokio::spawn(async move {
-                herald_actors::sharder::announce(&js, &subjects, id, epoch).await
-            });
+            self.announce(id, now.timestamp_millis());
             tracing::info!(campaign_id = id, name = %req.name, "campaign created");
         }
         Ok(CreateCampaignReply {
@@ -236,6 +254,15 @@ impl ApiService {
         })
     }
 
+    /// Announces a new campaign on the campaigns stream, after the reply: the row is the
+    /// record, and a lost announcement is repeated by the node that finds the pending campaign.
+    fn announce(&self, campaign_id: i64, epoch: i64) {
+        let (js, subjects) = (self.js.clone(), self.subjects.clone());
+        tokio::spawn(async move {
+            herald_actors::sharder::announce(&js, &subjects, campaign_id, epoch).await
+        });
+    }
+
     async fn status(
         &self,
         encoding: Encoding,
@@ -243,6 +270,16 @@ impl ApiService {
     ) -> Result<CampaignStatusReply, ApiError> {
         let req: CampaignStatusRequest = parse_request(encoding, body)?;
         campaign_status(&self.store, req.campaign_id).await
+    }
+}
+
+fn reply<T: Serialize>(
+    encoding: Encoding,
+    result: Result<T, ApiError>,
+) -> Result<Vec<u8>, herald_schemas::CodecError> {
+    match result {
+        Ok(r) => encoding.encode(&r),
+        Err(e) => encoding.encode(&ErrorReply::from(e)),
     }
 }
 
@@ -279,12 +316,12 @@ pub async fn campaign_status(store: &Store, id: i64) -> Result<CampaignStatusRep
     })
 }
 
-fn redis_err(e: fred::error::Error) -> ApiError {
+pub(crate) fn redis_err(e: fred::error::Error) -> ApiError {
     tracing::warn!(error = %e, "redis request failed");
     ApiError::unavailable(format!("redis: {e}"))
 }
 
-fn db_err(e: sea_orm::DbErr) -> ApiError {
+pub(crate) fn db_err(e: sea_orm::DbErr) -> ApiError {
     tracing::warn!(error = %e, "database request failed");
     ApiError::unavailable(format!("database: {e}"))
 }

@@ -223,6 +223,12 @@ pub struct PipelineConfig {
     pub expand: StageConfig,
     /// Push sender stage.
     pub push: StageConfig,
+    /// Event consumers (logins, order cancellations); `concurrency` counts batches.
+    pub events: StageConfig,
+    /// Most events handled as one batch (one Redis call, one multi-row insert).
+    pub event_batch_size: usize,
+    /// Milliseconds between writes of the database's active lazy coupons into Redis.
+    pub coupon_sync_interval_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -249,6 +255,9 @@ impl PipelineConfig {
             shard: StageConfig::from_settings(&s.shard),
             expand: StageConfig::from_settings(&s.expand),
             push: StageConfig::from_settings(&s.push),
+            events: StageConfig::from_settings(&s.events),
+            event_batch_size: s.event_batch_size,
+            coupon_sync_interval_ms: s.coupon_sync_interval.as_millis() as u64,
         }
     }
 
@@ -262,6 +271,9 @@ impl PipelineConfig {
             shard: self.shard.to_settings(),
             expand: self.expand.to_settings(),
             push: self.push.to_settings(),
+            events: self.events.to_settings(),
+            event_batch_size: self.event_batch_size.max(1),
+            coupon_sync_interval: Duration::from_millis(self.coupon_sync_interval_ms.max(100)),
             send_concurrency: self.send_concurrency,
             send_attempts: self.send_attempts,
             send_retry_base: Duration::from_millis(self.send_retry_base_ms),

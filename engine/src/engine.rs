@@ -202,6 +202,7 @@ impl Engine {
                 redis,
                 dedupe_window: Duration::from_secs(config.api.dedupe_window_secs),
                 max_in_flight: config.api.max_in_flight,
+                coupons: shared.coupons.clone(),
             };
             Some(service.spawn(stop.clone()).await?)
         } else {

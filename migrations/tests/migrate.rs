@@ -118,6 +118,10 @@ const SCHEMA: &[TableSpec] = &[
             ("created_by", TEXT, No),
             ("created_at", TSTZ, No),
             ("updated_at", TSTZ, No),
+            ("delivery", TEXT, No),
+            ("segment", TEXT, Yes),
+            ("campaign_id", BIGINT, Yes),
+            ("dedupe_key", TEXT, Yes),
         ],
     ),
     (
@@ -190,6 +194,7 @@ const SCHEMA: &[TableSpec] = &[
             ("created_at", TSTZ, No),
             ("started_at", TSTZ, Yes),
             ("finished_at", TSTZ, Yes),
+            ("coupon_id", BIGINT, Yes),
         ],
     ),
     (

@@ -79,6 +79,26 @@ pub struct Delivery {
     pub delivered: i64,
     /// Its sequence in the stream.
     pub stream_sequence: u64,
+    /// Its `Content-Type` header, when it has one.
+    pub content_type: Option<String>,
+}
+
+impl Delivery {
+    /// The delivery of `msg`, or None when it carries no JetStream metadata.
+    pub(crate) fn of(msg: &jetstream::Message) -> Option<Self> {
+        let info = msg.info().ok()?;
+        Some(Delivery {
+            payload: msg.payload.clone(),
+            subject: msg.subject.to_string(),
+            delivered: info.delivered,
+            stream_sequence: info.stream_sequence,
+            content_type: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Content-Type"))
+                .map(|v| v.as_str().to_string()),
+        })
+    }
 }
 
 /// Pulls from `consumer` until `stop` resolves, handling up to `settings.concurrency` messages
@@ -127,15 +147,9 @@ where
                         return;
                     }
                 };
-                let Ok(info) = msg.info() else {
+                let Some(delivery) = Delivery::of(&msg) else {
                     tracing::warn!(consumer = %durable, "message without jetstream info, ignored");
                     return;
-                };
-                let delivery = Delivery {
-                    payload: msg.payload.clone(),
-                    subject: msg.subject.to_string(),
-                    delivered: info.delivered,
-                    stream_sequence: info.stream_sequence,
                 };
                 let outcome =
                     with_progress(&msg, settings.ack_wait, handler(delivery.clone())).await;
@@ -178,7 +192,7 @@ async fn with_progress<F: Future<Output = Outcome>>(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn settle(
+pub(crate) async fn settle(
     js: &jetstream::Context,
     subjects: &Subjects,
     stream: &str,

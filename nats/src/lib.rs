@@ -3,10 +3,12 @@
 //! decode, ack after the work, bounded retry with a delay, and dead letters.
 
 pub mod consume;
+pub mod consume_batch;
 pub mod publish;
 pub mod topology;
 
 pub use consume::{consume, ConsumeSettings, Delivery, Outcome};
+pub use consume_batch::{consume_batches, BatchSettings};
 pub use publish::{publish_all, Outgoing};
 pub use topology::{StageConsumer, StreamSettings, Topology};
 

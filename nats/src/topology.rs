@@ -82,7 +82,7 @@ impl Topology {
         &self.subjects
     }
 
-    /// Creates the campaigns, buckets, push and dead-letter streams if missing.
+    /// Creates the campaigns, buckets, push, dead-letter and events streams if missing.
     pub async fn ensure_streams(&self) -> Result<(), NatsError> {
         let s = &self.subjects;
         for (name, subject) in [
@@ -90,6 +90,7 @@ impl Topology {
             (s.buckets_stream(), s.bucket_all()),
             (s.push_stream(), s.push_all()),
             (s.dead_letter_stream(), s.dead_letter_all()),
+            (s.events_stream(), s.events_all()),
         ] {
             self.js
                 .get_or_create_stream(stream::Config {

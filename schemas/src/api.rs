@@ -25,6 +25,10 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub enum CampaignKind {
     /// A promotion pushed to its audience.
     Promotion,
+    /// "You can claim a coupon", pushed to a coupon's segment.
+    CouponSegment,
+    /// A coupon issued to every user by the pipeline's coupon-issuing final stage.
+    CouponEager,
 }
 
 impl CampaignKind {
@@ -32,6 +36,8 @@ impl CampaignKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Promotion => "promotion",
+            Self::CouponSegment => "coupon_segment",
+            Self::CouponEager => "coupon_eager",
         }
     }
 }
@@ -90,6 +96,12 @@ pub struct CreateCampaignRequest {
 impl CreateCampaignRequest {
     /// Checks what the types cannot: lengths and the time window.
     pub fn validate(&self) -> Result<(), ApiError> {
+        if self.kind != CampaignKind::Promotion {
+            return Err(ApiError::invalid(format!(
+                "kind: {} campaigns are created through coupon.create",
+                self.kind.as_str()
+            )));
+        }
         check_text("name", &self.name, MAX_NAME_CHARS)?;
         check_text("created_by", &self.created_by, MAX_CREATED_BY_CHARS)?;
         check_text("title", &self.title, MAX_TITLE_CHARS)?;
@@ -121,7 +133,7 @@ impl CreateCampaignRequest {
     }
 }
 
-fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), ApiError> {
+pub(crate) fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), ApiError> {
     if value.trim().is_empty() {
         return Err(ApiError::invalid(format!("{field}: must not be empty")));
     }
@@ -154,6 +166,14 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug; the node logged it.
     Internal,
+    /// The user is not in the coupon's segment.
+    NotEligible,
+    /// The coupon's validity window has not started.
+    NotStarted,
+    /// The coupon's validity window is over.
+    Expired,
+    /// The coupon's stock is used up.
+    SoldOut,
 }
 
 /// The `error` object of a failed reply.
@@ -179,6 +199,14 @@ impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
             code: ErrorCode::NotFound,
+            message: message.into(),
+        }
+    }
+
+    /// An error with the given code.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
             message: message.into(),
         }
     }

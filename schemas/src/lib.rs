@@ -7,11 +7,15 @@
 
 pub mod api;
 pub mod codec;
+pub mod coupons;
+pub mod events;
 pub mod messages;
 pub mod subjects;
 
 pub use api::*;
 pub use codec::{decode, encode, CodecError, Encoding};
+pub use coupons::*;
+pub use events::*;
 pub use messages::*;
 pub use subjects::Subjects;
 

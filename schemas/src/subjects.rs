@@ -38,6 +38,41 @@ impl Subjects {
         format!("{}.api.campaign.status", self.prefix)
     }
 
+    /// Request subject: create a coupon.
+    pub fn api_coupon_create(&self) -> String {
+        format!("{}.api.coupon.create", self.prefix)
+    }
+
+    /// Request subject: a user claims a segment coupon.
+    pub fn api_coupon_claim(&self) -> String {
+        format!("{}.api.coupon.claim", self.prefix)
+    }
+
+    /// Request subject: a coupon's status.
+    pub fn api_coupon_status(&self) -> String {
+        format!("{}.api.coupon.status", self.prefix)
+    }
+
+    /// Stream of events from other systems (logins, order cancellations).
+    pub fn events_stream(&self) -> String {
+        self.stream("EVENTS")
+    }
+
+    /// Wildcard over all event subjects.
+    pub fn events_all(&self) -> String {
+        format!("{}.event.>", self.prefix)
+    }
+
+    /// Subject of user login events.
+    pub fn event_user_login(&self) -> String {
+        format!("{}.event.user.login", self.prefix)
+    }
+
+    /// Subject of order cancellation events.
+    pub fn event_order_canceled(&self) -> String {
+        format!("{}.event.order.canceled", self.prefix)
+    }
+
     /// Stream of `CampaignCreated` messages.
     pub fn campaigns_stream(&self) -> String {
         self.stream("CAMPAIGNS")

@@ -1,0 +1,174 @@
+//! Lazy issuance: for each login event, every active lazy coupon the user does not hold yet
+//! is claimed in Redis (stock taken atomically for limited coupons), inserted into
+//! `sales_promotion_coupon_item` and counted, a whole batch of logins at a time: one Redis
+//! script, one multi-row insert, one confirm script. Repeated logins stop at Redis.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use async_trait::async_trait;
+use herald_nats::{Delivery, Outcome};
+use herald_schemas::{decode_event, Subjects, UserLogin};
+
+use super::active::Claimed;
+use crate::{context::Shared, event_worker::EventHandler};
+
+/// Handles `user.login` events.
+pub struct LoginIssuer {
+    shared: Arc<Shared>,
+    batches: AtomicU64,
+}
+
+impl LoginIssuer {
+    /// The issuer of this node.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            batches: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes the database's active lazy coupons into Redis.
+    pub async fn sync(&self) -> Result<(), String> {
+        let coupons = self
+            .shared
+            .store
+            .active_lazy_coupons(chrono::Utc::now())
+            .await
+            .map_err(|e| format!("loading active coupons: {e}"))?;
+        self.shared
+            .coupons
+            .sync(&coupons)
+            .await
+            .map_err(|e| format!("writing active coupons: {e}"))
+    }
+
+    /// Issues the missing lazy coupons of `users`; returns how many items were created.
+    pub async fn issue(&self, users: &[i64]) -> Result<usize, String> {
+        let active = &self.shared.coupons;
+        let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}:{n}", self.shared.node_id);
+        let mut claimed = active
+            .claim(users, &token)
+            .await
+            .map_err(|e| e.to_string())?;
+        if claimed == Claimed::NotLoaded {
+            tracing::info!("active coupon list missing in redis, loading it from the database");
+            self.sync().await?;
+            claimed = active
+                .claim(users, &token)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let pairs = match claimed {
+            Claimed::Pairs(p) => p,
+            Claimed::NotLoaded => return Err("active coupon list could not be loaded".into()),
+        };
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let issued = match self
+            .shared
+            .store
+            .issue(&pairs, chrono::Utc::now(), None)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => {
+                if let Err(e) = active.release(&pairs, &token).await {
+                    tracing::warn!(error = %e, "releasing coupon claims failed; they expire");
+                }
+                return Err(format!("issuing coupon items: {e}"));
+            }
+        };
+        let new: HashSet<(i64, i64)> = issued
+            .items
+            .iter()
+            .map(|i| (i.coupon_id, i.user_id))
+            .collect();
+        let out: HashSet<(i64, i64)> = issued.out_of_stock.iter().copied().collect();
+        if !out.is_empty() {
+            // Redis let more through than the database's stock allows (it lost data, or a
+            // count was off): give the claims back and take the database's count.
+            let _ = active.release(&issued.out_of_stock, &token).await;
+            let coupons: HashSet<i64> = out.iter().map(|(c, _)| *c).collect();
+            for id in coupons {
+                match self.shared.store.coupon(id).await {
+                    Ok(Some(c)) => {
+                        let _ = active.set_issued(&c).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(coupon_id = id, error = %e, "reloading coupon failed"),
+                }
+            }
+        }
+        let confirm: Vec<((i64, i64), bool)> = pairs
+            .iter()
+            .filter(|p| !out.contains(p))
+            .map(|p| (*p, new.contains(p)))
+            .collect();
+        // If this fails the items are in the database already; the redelivered events find
+        // them through the unique index and confirm then.
+        active
+            .confirm(&confirm)
+            .await
+            .map_err(|e| format!("confirming coupon items: {e}"))?;
+        Ok(issued.items.len())
+    }
+}
+
+#[async_trait]
+impl EventHandler for LoginIssuer {
+    const NAME: &'static str = "login_issuer";
+
+    fn subject(subjects: &Subjects) -> String {
+        subjects.event_user_login()
+    }
+
+    async fn handle(&self, batch: Vec<Delivery>) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Done; batch.len()];
+        let mut users = Vec::with_capacity(batch.len());
+        let mut valid = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            match decode_event::<UserLogin>(d.content_type.as_deref(), &d.payload) {
+                Ok(e) if e.user_id > 0 => {
+                    users.push(e.user_id);
+                    valid.push(i);
+                }
+                Ok(e) => {
+                    outcomes[i] = Outcome::Reject {
+                        reason: format!("login event: user_id must be positive, got {}", e.user_id),
+                    }
+                }
+                Err(e) => {
+                    outcomes[i] = Outcome::Reject {
+                        reason: format!("undecodable login event: {e}"),
+                    }
+                }
+            }
+        }
+        users.sort_unstable();
+        users.dedup();
+        match self.issue(&users).await {
+            Ok(n) => tracing::debug!(logins = users.len(), issued = n, "login batch done"),
+            Err(reason) => {
+                tracing::warn!(logins = users.len(), reason = %reason, "login batch failed");
+                for i in valid {
+                    outcomes[i] = Outcome::retry(reason.clone());
+                }
+            }
+        }
+        outcomes
+    }
+
+    async fn tick(&self) {
+        if let Err(e) = self.sync().await {
+            tracing::warn!(error = %e, "syncing active coupons failed");
+        }
+    }
+}
