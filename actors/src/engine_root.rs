@@ -1,4 +1,5 @@
-//! The root actor of a node: runs one campaign supervisor per active campaign. It learns of
+//! The root actor of a node: runs one campaign supervisor per active campaign, and the event
+//! workers (login coupon issuer, coupon releaser). It learns of
 //! new campaigns from the `CampaignCreated` subject (a plain subscription: every node must
 //! hear every campaign) and, so nothing is missed while it was down or disconnected, from a
 //! periodic scan of the database for campaigns that are not final.
@@ -135,17 +136,17 @@ impl Actor for EngineRoot {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::Ensure(id) => Self::ensure(&myself, state, id).await,
-            RootMsg::Scan => match {
+            RootMsg::Scan => {
                 Self::ensure_events(&myself, state).await;
-                state.shared.store.active_campaign_ids().await
-            } {
-                Ok(ids) => {
-                    for id in ids {
-                        Self::ensure(&myself, state, id).await;
+                match state.shared.store.active_campaign_ids().await {
+                    Ok(ids) => {
+                        for id in ids {
+                            Self::ensure(&myself, state, id).await;
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "scanning for active campaigns failed"),
                 }
-                Err(e) => tracing::warn!(error = %e, "scanning for active campaigns failed"),
-            },
+            }
             RootMsg::Running(reply) => {
                 let mut ids: Vec<i64> = state.running.keys().copied().collect();
                 ids.sort_unstable();

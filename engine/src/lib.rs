@@ -23,5 +23,6 @@ pub mod testkit;
 
 pub use config::Config;
 pub use engine::{Engine, EngineBuilder};
+pub use herald_actors as actors;
 pub use herald_actors::provider::{Provider, Providers, Push, SendError};
 pub use herald_schemas as schemas;

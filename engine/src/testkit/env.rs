@@ -119,6 +119,44 @@ impl TestEnv {
         .await
     }
 
+    /// Sends any API request (JSON) to `subject` and returns the reply.
+    pub async fn ask<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        body: &T,
+    ) -> anyhow::Result<Result<R, herald_schemas::ApiError>> {
+        api::request(
+            &self.nats,
+            subject,
+            Encoding::Json,
+            body,
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Publishes events to the events stream, awaiting every ack.
+    pub async fn publish_events(
+        &self,
+        subject: String,
+        payloads: Vec<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let mut acks = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            acks.push(js.publish(subject.clone(), p.into()).await?);
+            if acks.len() >= 1000 {
+                for a in acks.drain(..) {
+                    a.await?;
+                }
+            }
+        }
+        for a in acks {
+            a.await?;
+        }
+        Ok(())
+    }
+
     /// Sends a status request.
     pub async fn status(
         &self,
@@ -176,6 +214,7 @@ impl TestEnv {
             s.buckets_stream(),
             s.push_stream(),
             s.dead_letter_stream(),
+            s.events_stream(),
         ] {
             let _ = js.delete_stream(&stream).await;
         }
