@@ -1,5 +1,5 @@
 //! The `herald` command line: run a node, migrate, seed users, create and watch campaigns,
-//! and `herald dev`, the one-command first run.
+//! create, claim and inspect coupons, and `herald dev`, the one-command first run.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -10,7 +10,9 @@ use herald_engine::{
     config::Config,
     engine::{connect_db, connect_nats, migrate},
     schemas::{
-        CampaignStatusReply, CampaignStatusRequest, CreateCampaignReply, Encoding, Subjects,
+        CampaignStatusReply, CampaignStatusRequest, ClaimCouponReply, ClaimCouponRequest,
+        CouponStatusReply, CouponStatusRequest, CreateCampaignReply, CreateCouponReply, Encoding,
+        Subjects,
     },
     seed, Engine,
 };
@@ -44,6 +46,11 @@ enum Command {
     Campaign {
         #[command(subcommand)]
         command: CampaignCommand,
+    },
+    /// Create, claim and inspect coupons through a running node's NATS API.
+    Coupon {
+        #[command(subcommand)]
+        command: CouponCommand,
     },
     /// First run: start NATS and Redis if absent, SQLite under ./data, seed users, run a node,
     /// create a demo campaign and show its progress until it completes.
@@ -80,6 +87,33 @@ enum CampaignCommand {
         /// Poll until the campaign reaches a final state.
         #[arg(long)]
         wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CouponCommand {
+    /// Create a coupon from a JSON request file ('-' for stdin).
+    Create {
+        /// The request body (see README: Coupons).
+        #[arg(long)]
+        file: PathBuf,
+        /// Send it as MessagePack instead of JSON.
+        #[arg(long)]
+        msgpack: bool,
+    },
+    /// Claim a segment coupon for a user.
+    Claim {
+        /// Coupon id.
+        #[arg(long)]
+        coupon: i64,
+        /// User id.
+        #[arg(long)]
+        user: i64,
+    },
+    /// Show a coupon's stock and items issued.
+    Status {
+        /// Coupon id.
+        id: i64,
     },
 }
 
@@ -140,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Campaign { command } => campaign(config, command).await,
+        Command::Coupon { command } => coupon(config, command).await,
         Command::Dev(args) => herald_engine::dev::run(config, args).await,
     }
 }
@@ -177,35 +212,14 @@ async fn campaign(config: Config, command: CampaignCommand) -> anyhow::Result<()
     let subjects = Subjects::new(config.nats.prefix.clone());
     match command {
         CampaignCommand::Create { file, msgpack } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading {}", file.display()))?
-            };
-            let body: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let body = read_json(&file)?;
             let enc = if msgpack {
                 Encoding::MsgPack
             } else {
                 Encoding::Json
             };
-            let reply: Result<CreateCampaignReply, _> = request(
-                &nats,
-                subjects.api_campaign_create(),
-                enc,
-                &body,
-                Duration::from_secs(10),
-            )
-            .await?;
-            match reply {
-                Ok(r) => println!("{}", serde_json::to_string(&r)?),
-                Err(e) => bail!(
-                    "{}: {}",
-                    serde_json::to_value(e.code)?.as_str().unwrap_or("error"),
-                    e.message
-                ),
-            }
+            ask::<_, CreateCampaignReply>(&nats, subjects.api_campaign_create(), enc, &body)
+                .await?;
         }
         CampaignCommand::Status { id, wait } => loop {
             let reply: Result<CampaignStatusReply, _> = request(
@@ -228,4 +242,59 @@ async fn campaign(config: Config, command: CampaignCommand) -> anyhow::Result<()
         },
     }
     Ok(())
+}
+
+async fn coupon(config: Config, command: CouponCommand) -> anyhow::Result<()> {
+    let nats = connect_nats(&config.nats.url, "herald cli").await?;
+    let subjects = Subjects::new(config.nats.prefix.clone());
+    let json = Encoding::Json;
+    match command {
+        CouponCommand::Create { file, msgpack } => {
+            let body = read_json(&file)?;
+            let enc = if msgpack { Encoding::MsgPack } else { json };
+            ask::<_, CreateCouponReply>(&nats, subjects.api_coupon_create(), enc, &body).await?;
+        }
+        CouponCommand::Claim { coupon, user } => {
+            let body = ClaimCouponRequest {
+                coupon_id: coupon,
+                user_id: user,
+            };
+            ask::<_, ClaimCouponReply>(&nats, subjects.api_coupon_claim(), json, &body).await?;
+        }
+        CouponCommand::Status { id } => {
+            let body = CouponStatusRequest { coupon_id: id };
+            ask::<_, CouponStatusReply>(&nats, subjects.api_coupon_status(), json, &body).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a JSON request body from a file, or stdin for `-`.
+fn read_json(file: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))
+}
+
+/// Sends a request, prints the reply as JSON, or fails with the error code and message.
+async fn ask<T: serde::Serialize, R: serde::de::DeserializeOwned + serde::Serialize>(
+    nats: &async_nats::Client,
+    subject: String,
+    encoding: Encoding,
+    body: &T,
+) -> anyhow::Result<R> {
+    match request::<T, R>(nats, subject, encoding, body, Duration::from_secs(10)).await? {
+        Ok(r) => {
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(r)
+        }
+        Err(e) => bail!(
+            "{}: {}",
+            serde_json::to_value(e.code)?.as_str().unwrap_or("error"),
+            e.message
+        ),
+    }
 }
