@@ -18,6 +18,9 @@ use herald_schemas::{decode_event, Subjects, UserLogin};
 use super::active::Claimed;
 use crate::{context::Shared, event_worker::EventHandler};
 
+/// Largest user id: Redis's Lua numbers are doubles, exact up to 2^53.
+const MAX_USER_ID: i64 = 1 << 53;
+
 /// Handles `user.login` events.
 pub struct LoginIssuer {
     shared: Arc<Shared>,
@@ -136,13 +139,16 @@ impl EventHandler for LoginIssuer {
         let mut valid = Vec::with_capacity(batch.len());
         for (i, d) in batch.iter().enumerate() {
             match decode_event::<UserLogin>(d.content_type.as_deref(), &d.payload) {
-                Ok(e) if e.user_id > 0 => {
+                Ok(e) if e.user_id > 0 && e.user_id <= MAX_USER_ID => {
                     users.push(e.user_id);
                     valid.push(i);
                 }
                 Ok(e) => {
                     outcomes[i] = Outcome::Reject {
-                        reason: format!("login event: user_id must be positive, got {}", e.user_id),
+                        reason: format!(
+                            "login event: user_id must be in 1..=2^53, got {}",
+                            e.user_id
+                        ),
                     }
                 }
                 Err(e) => {
