@@ -14,6 +14,8 @@ mod ceiling;
 mod counting;
 #[path = "../bench/create_latency.rs"]
 mod create_latency;
+#[path = "../bench/logins.rs"]
+mod logins;
 #[path = "../bench/proc.rs"]
 mod proc;
 #[path = "../bench/scratch.rs"]
@@ -64,6 +66,18 @@ struct Args {
     /// With --only-create: measure on an API-only node (no fan-out).
     #[arg(long)]
     api_only: bool,
+    /// Login events in the logins scenario.
+    #[arg(long, default_value_t = 400_000)]
+    logins: usize,
+    /// Users in the logins scenario; each logs in about --logins / --login-users times.
+    #[arg(long, default_value_t = 200_000)]
+    login_users: i64,
+    /// Run only the logins scenario (for quick iteration).
+    #[arg(long, conflicts_with = "only_create")]
+    only_logins: bool,
+    /// Skip the logins scenario.
+    #[arg(long, conflicts_with = "only_logins")]
+    skip_logins: bool,
 }
 
 struct PushResult {
@@ -152,8 +166,69 @@ async fn push(
     })
 }
 
+/// The logins scenario in an environment of its own (database, streams, Redis keys).
+async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
+    let env = TestEnv::new("logins").await?;
+    let config = bench_config(&env, args);
+    let result = logins::run(&env, config, args.logins, args.login_users).await;
+    let cleaned = env.cleanup().await;
+    let result = result?;
+    cleaned?;
+    Ok(result)
+}
+
 fn mb(b: i64) -> f64 {
     b as f64 / 1_048_576.0
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
+}
+
+fn print_columns() {
+    println!(
+        "{:<34} {:>10} {:>12} {:>9} {:>10} {:>11} {:>6} {:>6}",
+        "scenario", "seconds", "users/s", "cpu s", "peak RSS", "redis add", "dups", "miss"
+    );
+}
+
+/// The logins row (rate in logins/s, engine CPU) and a line of detail under it.
+fn print_logins(r: &logins::LoginsResult) {
+    println!(
+        "{:<34} {:>10.1} {:>12.0} {:>9.1} {:>8.1}MB {:>9.2}MB {:>6} {:>6}",
+        format!("logins, {} lazy coupons (logins/s)", r.coupons),
+        r.seconds,
+        r.logins_per_sec(),
+        r.engine_cpu,
+        mb(r.peak_rss as i64),
+        mb(r.redis_added),
+        r.duplicates,
+        r.missing()
+    );
+    let servers: Vec<String> = r
+        .server_cpu
+        .iter()
+        .map(|(name, cpu)| format!("{name} {cpu:.1}"))
+        .collect();
+    println!(
+        "{:<34} {} logins of {} users; {} items of {} ({:.0} items/s, all in {:.1} s); \
+         limited {} of {}, oversold {}; publish {:.1} s; cpu s: publisher {:.1}, {}",
+        "",
+        r.events,
+        r.distinct_users,
+        r.items,
+        r.expected_items,
+        r.items_per_sec(),
+        r.items_seconds,
+        r.limited_items,
+        r.limited_total,
+        r.oversold(),
+        r.publish_seconds,
+        r.publisher_cpu,
+        servers.join(", ")
+    );
 }
 
 #[tokio::main]
@@ -163,6 +238,19 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter("warn")
         .with_writer(std::io::stderr)
         .init();
+    if args.only_logins {
+        eprintln!(
+            "logins: {} events of {} users ...",
+            args.logins, args.login_users
+        );
+        let r = logins(&args).await?;
+        println!();
+        println!("herald benchmark: logins only, {} cores", cores());
+        print_columns();
+        print_logins(&r);
+        println!("{}", json!({ "logins": r.json() }));
+        return Ok(());
+    }
     let env = TestEnv::new("bench").await?;
     if args.only_create {
         let mut config = bench_config(&env, &args);
@@ -252,20 +340,21 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
 
+    let login = if args.skip_logins {
+        None
+    } else {
+        eprintln!(
+            "logins: {} events of {} users ...",
+            args.logins, args.login_users
+        );
+        Some(logins(&args).await?)
+    };
+
     let n = args.users as f64;
     let rate = |secs: f64, users: f64| users / secs.max(1e-9);
     println!();
-    println!(
-        "herald benchmark: {} users, {} cores",
-        args.users,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
-    println!(
-        "{:<34} {:>10} {:>12} {:>9} {:>10} {:>11} {:>6} {:>6}",
-        "scenario", "seconds", "users/s", "cpu s", "peak RSS", "redis add", "dups", "miss"
-    );
+    println!("herald benchmark: {} users, {} cores", args.users, cores());
+    print_columns();
     for (label, r) in [
         (format!("push, provider {} ms", args.latency_ms), &slow),
         ("push, provider 0 ms".to_string(), &fast),
@@ -336,6 +425,9 @@ async fn main() -> anyhow::Result<()> {
         ceil.bytes_per_message,
         rate(ceil.seconds, ceil.messages as f64)
     );
+    if let Some(r) = &login {
+        print_logins(r);
+    }
     let line = json!({
         "users": args.users,
         "seed_seconds": seed_secs,
@@ -345,6 +437,7 @@ async fn main() -> anyhow::Result<()> {
         "create_latency_ms": {"p50": lat.quantile(0.5).as_secs_f64() * 1e3, "p99": lat.quantile(0.99).as_secs_f64() * 1e3, "requests": lat.0.len()},
         "create_latency_api_only_ms": {"p50": lat_api.quantile(0.5).as_secs_f64() * 1e3, "p99": lat_api.quantile(0.99).as_secs_f64() * 1e3, "requests": lat_api.0.len()},
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
+        "logins": login.as_ref().map(|r| r.json()),
     });
     println!("{line}");
     env.cleanup().await?;
