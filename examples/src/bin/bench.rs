@@ -57,6 +57,12 @@ struct Args {
     /// Requests per requester.
     #[arg(long, default_value_t = 20)]
     requests_each: usize,
+    /// Event batches one node handles at once (pipeline.events.concurrency; default: config).
+    #[arg(long)]
+    event_concurrency: Option<usize>,
+    /// Events per batch (pipeline.event_batch_size; default: config).
+    #[arg(long)]
+    event_batch: Option<usize>,
     /// Skip the baseline scenarios.
     #[arg(long)]
     skip_baseline: bool,
@@ -112,6 +118,12 @@ fn bench_config(env: &TestEnv, args: &Args) -> Config {
     c.pipeline.claim_ttl_secs = 60;
     c.pipeline.progress_interval_ms = 250;
     c.database.max_connections = 16;
+    if let Some(n) = args.event_concurrency {
+        c.pipeline.events.concurrency = n;
+    }
+    if let Some(n) = args.event_batch {
+        c.pipeline.event_batch_size = n;
+    }
     c
 }
 
