@@ -199,6 +199,7 @@ where
         subjects.buckets_stream(),
         subjects.push_stream(),
         subjects.dead_letter_stream(),
+        subjects.events_stream(),
     ] {
         js.delete_stream(&stream).await.expect("delete test stream");
     }
