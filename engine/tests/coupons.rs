@@ -605,3 +605,55 @@ async fn order_cancel_releases_the_item_and_bad_events_are_dead_lettered() {
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }
+
+/// `Store::issue` on both backends: the stock guard, the locked slow path and idempotence.
+async fn issue_on(db: sea_orm::DatabaseConnection) {
+    use herald_engine::actors::store::Store;
+    herald_engine::engine::migrate(&db).await.unwrap();
+    let store = Store::new(db);
+    let now = Utc::now();
+    let since = now - Span::minutes(30);
+    let limited = CreateCouponRequest {
+        total: Some(10),
+        ..coupon("ten", CouponDelivery::Lazy)
+    };
+    let (ten, inserted) = store.insert_coupon(&limited, now, since).await.unwrap();
+    assert!(inserted);
+    assert_eq!(
+        store.insert_coupon(&limited, now, since).await.unwrap(),
+        (ten, false)
+    );
+    let (open, _) = store
+        .insert_coupon(&coupon("open", CouponDelivery::Lazy), now, since)
+        .await
+        .unwrap();
+    let pairs: Vec<(i64, i64)> = (1..=20).flat_map(|u| [(ten, u), (open, u)]).collect();
+    let first = store.issue(&pairs, now, None).await.unwrap();
+    assert_eq!(first.items.len(), 30, "10 limited + 20 open");
+    assert_eq!(first.out_of_stock.len(), 10);
+    assert!(first.out_of_stock.iter().all(|(c, _)| *c == ten));
+    let again = store.issue(&pairs, now, None).await.unwrap();
+    assert!(again.items.is_empty(), "nothing twice");
+    assert_eq!(store.coupon(ten).await.unwrap().unwrap().issued, 10);
+    assert_eq!(store.coupon(open).await.unwrap().unwrap().issued, 20);
+    let active = store.active_lazy_coupons(now).await.unwrap();
+    assert_eq!(
+        active.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![ten, open]
+    );
+}
+
+#[tokio::test]
+async fn issue_keeps_stock_and_idempotence_on_sqlite() {
+    let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
+        .await
+        .unwrap();
+    issue_on(db).await;
+}
+
+#[tokio::test]
+async fn issue_keeps_stock_and_idempotence_on_postgres() {
+    let env = TestEnv::new("cpstore").await.unwrap();
+    issue_on(env.db.clone()).await;
+    env.cleanup().await.unwrap();
+}

@@ -390,7 +390,19 @@ impl Store {
         let mut keep = Vec::with_capacity(pairs.len());
         let mut out_of_stock = Vec::new();
         for (coupon, users) in by_coupon {
-            // A no-op write takes the row lock (PostgreSQL) or the write lock (SQLite).
+            let stock_sql =
+                "SELECT coupon_count, coupon_received_count FROM sales_promotion_coupon WHERE id = $1";
+            let read = || {
+                Stock::find_by_statement(tx_stmt(backend, stock_sql, vec![coupon.into()])).one(&txn)
+            };
+            let Some(first) = read().await? else { continue };
+            if first.coupon_count.is_none() {
+                // Unlimited: no lock, so it cannot wait on other batches' inserts.
+                keep.extend(users.into_iter().map(|u| (coupon, u)));
+                continue;
+            }
+            // A no-op write takes the row lock (PostgreSQL) or the write lock (SQLite); the
+            // stock read after it is stable until commit.
             txn.execute(tx_stmt(
                 backend,
                 "UPDATE sales_promotion_coupon SET coupon_received_count = coupon_received_count \
@@ -398,14 +410,7 @@ impl Store {
                 vec![coupon.into()],
             ))
             .await?;
-            let stock = Stock::find_by_statement(tx_stmt(
-                backend,
-                "SELECT coupon_count, coupon_received_count FROM sales_promotion_coupon WHERE id = $1",
-                vec![coupon.into()],
-            ))
-            .one(&txn)
-            .await?;
-            let Some(stock) = stock else { continue };
+            let Some(stock) = read().await? else { continue };
             let Some(total) = stock.coupon_count else {
                 keep.extend(users.into_iter().map(|u| (coupon, u)));
                 continue;

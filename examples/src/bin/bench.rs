@@ -63,6 +63,9 @@ struct Args {
     /// Events per batch (pipeline.event_batch_size; default: config).
     #[arg(long)]
     event_batch: Option<usize>,
+    /// Database connections of the API (api.db_connections; default: config).
+    #[arg(long)]
+    api_db_connections: Option<u32>,
     /// Skip the baseline scenarios.
     #[arg(long)]
     skip_baseline: bool,
@@ -118,6 +121,9 @@ fn bench_config(env: &TestEnv, args: &Args) -> Config {
     c.pipeline.claim_ttl_secs = 60;
     c.pipeline.progress_interval_ms = 250;
     c.database.max_connections = 16;
+    if let Some(n) = args.api_db_connections {
+        c.api.db_connections = n;
+    }
     if let Some(n) = args.event_concurrency {
         c.pipeline.events.concurrency = n;
     }
