@@ -6,6 +6,8 @@
 //! Statements use `$1, $2, ...` placeholders in ascending order, which both PostgreSQL and
 //! SQLite accept.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, FromQueryResult, Statement, Value};
@@ -101,6 +103,17 @@ pub struct NewCampaign {
     pub coupon_id: Option<i64>,
 }
 
+/// One campaign of [`Store::insert_campaigns`].
+#[derive(Debug, Clone, Copy)]
+pub struct CampaignInsert<'a> {
+    /// The campaign.
+    pub campaign: &'a NewCampaign,
+    /// Its creation time (its epoch).
+    pub now: DateTime<Utc>,
+    /// A campaign with the same dedupe key created at or after this makes it a repeat.
+    pub since: DateTime<Utc>,
+}
+
 /// Counters of a campaign, summed from its bucket and batch records.
 #[derive(Debug, Clone, Default, PartialEq, FromQueryResult)]
 pub struct Progress {
@@ -171,28 +184,50 @@ impl Store {
     }
 
     /// Inserts a campaign (status `pending`) unless one with the same dedupe key was created
-    /// at or after `since`; one statement. Returns the id and whether this call inserted it.
+    /// at or after `since`. Returns the id and whether this call inserted it.
     pub async fn insert_campaign(
         &self,
         c: &NewCampaign,
         now: DateTime<Utc>,
         since: DateTime<Utc>,
     ) -> Result<(i64, bool), DbErr> {
-        let audience =
-            serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
+        let mut out = self
+            .insert_campaigns(&[CampaignInsert {
+                campaign: c,
+                now,
+                since,
+            }])
+            .await?;
+        out.pop()
+            .ok_or_else(|| DbErr::Custom("campaign insert returned nothing".into()))
+    }
+
+    /// Inserts many campaigns in one statement, each unless one with its dedupe key was
+    /// created at or after its `since` (an earlier one in the same call counts too). Returns,
+    /// per campaign in order, its id and whether this call inserted it.
+    pub async fn insert_campaigns(
+        &self,
+        batch: &[CampaignInsert<'_>],
+    ) -> Result<Vec<(i64, bool)>, DbErr> {
         #[derive(FromQueryResult)]
-        struct Id {
+        struct Row {
             id: i64,
+            dedupe_key: String,
         }
-        let row = Id::find_by_statement(stmt(
-            &self.db,
-            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
-             body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at, \
-             coupon_id) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, 0, 0, 0, 0, $11, $12 \
-             WHERE NOT EXISTS (SELECT 1 FROM campaign WHERE dedupe_key = $10 AND created_at >= $13) \
-             RETURNING id",
-            vec![
+        // One row per dedupe key; repeats within the call get the first one's id.
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        let mut rows = Vec::new();
+        let mut values: Vec<Value> = Vec::with_capacity(batch.len() * 14);
+        let row_values = |values: &mut Vec<Value>, b: &CampaignInsert, keep: bool| {
+            let c = b.campaign;
+            let audience =
+                serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
+            let n = values.len();
+            let row = (n + 1..=n + 14)
+                .map(|k| format!("${k}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            values.extend([
                 c.kind.clone().into(),
                 c.name.clone().into(),
                 c.created_by.clone().into(),
@@ -203,21 +238,66 @@ impl Store {
                 c.body.clone().into(),
                 audience.into(),
                 c.dedupe_key.clone().into(),
-                now.into(),
+                b.now.into(),
                 c.coupon_id.into(),
-                since.into(),
-            ],
-        ))
-        .one(&self.db)
-        .await?;
-        match row {
-            Some(r) => Ok((r.id, true)),
-            None => self
-                .find_duplicate(&c.dedupe_key, since)
-                .await?
-                .map(|id| (id, false))
-                .ok_or_else(|| DbErr::Custom("campaign neither inserted nor found".into())),
+                b.since.into(),
+                keep.into(),
+            ]);
+            Ok::<String, DbErr>(format!("({row})"))
+        };
+        for (i, b) in batch.iter().enumerate() {
+            let key = b.campaign.dedupe_key.as_str();
+            if first.contains_key(key) {
+                continue;
+            }
+            first.insert(key, i);
+            rows.push(row_values(&mut values, b, true)?);
         }
+        // Pad to a power of two with rows that are never inserted, so the statement text takes
+        // few shapes and each connection plans it once (prepared statement cache).
+        if let Some(b) = batch.first() {
+            while !rows.len().is_power_of_two() {
+                rows.push(row_values(&mut values, b, false)?);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!(
+            "WITH v (kind, name, created_by, starts_at, ends_at, inform_type, title, body, \
+             audience, dedupe_key, created_at, coupon_id, since, keep) AS (VALUES {}) \
+             INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
+             body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at, \
+             coupon_id) \
+             SELECT v.kind, v.name, v.created_by, v.starts_at, v.ends_at, v.inform_type, v.title, \
+             v.body, v.audience, 'pending', v.dedupe_key, 0, 0, 0, 0, v.created_at, v.coupon_id \
+             FROM v WHERE v.keep AND NOT EXISTS (SELECT 1 FROM campaign c \
+               WHERE c.dedupe_key = v.dedupe_key AND c.created_at >= v.since) \
+             RETURNING id, dedupe_key",
+            rows.join(", ")
+        );
+        let inserted: HashMap<String, i64> = Row::find_by_statement(stmt(&self.db, &sql, values))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| (r.dedupe_key, r.id))
+            .collect();
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, b) in batch.iter().enumerate() {
+            let key = b.campaign.dedupe_key.as_str();
+            let owner = first.get(key).copied() == Some(i);
+            let result = match inserted.get(key) {
+                Some(id) => (*id, owner),
+                None => {
+                    let id = self.find_duplicate(key, b.since).await?.ok_or_else(|| {
+                        DbErr::Custom("campaign neither inserted nor found".into())
+                    })?;
+                    (id, false)
+                }
+            };
+            out.push(result);
+        }
+        Ok(out)
     }
 
     /// The newest campaign created with `dedupe_key` at or after `since`.

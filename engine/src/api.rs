@@ -31,6 +31,9 @@ use tokio::{sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 mod coupons;
+mod create_batch;
+
+pub use create_batch::CreateBatcher;
 
 /// How long a create in progress holds its dedupe key before a repeat may proceed.
 const PENDING_TTL: Duration = Duration::from_secs(30);
@@ -54,6 +57,8 @@ pub struct ApiService {
     pub max_in_flight: usize,
     /// The active lazy coupons in Redis.
     pub coupons: ActiveCoupons,
+    /// Groups the campaign inserts of concurrent creates.
+    pub creates: CreateBatcher,
 }
 
 /// The request subjects the service answers.
@@ -237,11 +242,9 @@ impl ApiService {
             dedupe_key: req.dedupe_key(),
             coupon_id: None,
         };
-        let store = &self.store;
+        let key = new.dedupe_key.clone();
         let (id, duplicate, now) = self
-            .deduped(&new.dedupe_key, |now, since| {
-                store.insert_campaign(&new, now, since)
-            })
+            .deduped(&key, |now, since| self.creates.insert(new, now, since))
             .await?;
         if !duplicate {
             self.announce(id, now.timestamp_millis());

@@ -194,11 +194,17 @@ impl Engine {
         let stop = CancellationToken::new();
         let api = if config.api.enabled {
             let api_db = connect_db(&config.database.url, config.api.db_connections.max(1)).await?;
+            let api_store = Store::new(api_db);
             let service = ApiService {
+                creates: crate::api::CreateBatcher::start(
+                    api_store.clone(),
+                    config.api.max_in_flight,
+                    config.api.db_connections.max(1) as usize,
+                ),
                 nats: nats.clone(),
                 js,
                 subjects,
-                store: Store::new(api_db),
+                store: api_store,
                 redis,
                 dedupe_window: Duration::from_secs(config.api.dedupe_window_secs),
                 max_in_flight: config.api.max_in_flight,
