@@ -1,8 +1,8 @@
 //! herald's database schema as sea-orm migrations, portable between PostgreSQL and SQLite.
 //!
 //! [`Migrator`] lists the migrations in order: the membership reference tables, the
-//! marketing reference tables, herald's own campaign bookkeeping, then the coupon delivery
-//! columns. Run
+//! marketing reference tables, herald's own campaign bookkeeping, the coupon delivery columns,
+//! then an index for segment bounds. Run
 //! `Migrator::up(&db, None)` to create every table and `Migrator::down(&db, None)` to drop
 //! them again. Table and column names are a contract with the rest of the workspace.
 
@@ -12,6 +12,7 @@ mod m20261121_000001_membership;
 mod m20261121_000002_marketing;
 mod m20261121_000003_campaign;
 mod m20261121_000004_coupon_delivery;
+mod m20261121_000005_segment_index;
 
 /// Applies and rolls back herald's schema migrations, oldest first.
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000002_marketing::Migration),
             Box::new(m20261121_000003_campaign::Migration),
             Box::new(m20261121_000004_coupon_delivery::Migration),
+            Box::new(m20261121_000005_segment_index::Migration),
         ]
     }
 }
