@@ -19,9 +19,12 @@ impl Latencies {
     }
 }
 
+/// Runs the requesters; `tag` goes into every campaign name, so two runs in one process
+/// create distinct campaigns instead of repeats (which the API answers from Redis).
 pub async fn run(
     nats: &async_nats::Client,
     subjects: &Subjects,
+    tag: &str,
     requesters: usize,
     per_requester: usize,
 ) -> anyhow::Result<Latencies> {
@@ -30,11 +33,12 @@ pub async fn run(
     for r in 0..requesters {
         let nats = nats.clone();
         let subject = subjects.api_campaign_create();
+        let tag = tag.to_string();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::with_capacity(per_requester);
             for i in 0..per_requester {
                 let body = serde_json::json!({
-                    "kind": "promotion", "name": format!("latency {run_id} {r} {i}"),
+                    "kind": "promotion", "name": format!("latency {tag} {run_id} {r} {i}"),
                     "created_by": "bench", "starts_at": "2026-11-21T00:00:00Z",
                     "ends_at": "2026-11-28T00:00:00Z", "inform_type": "app",
                     "title": "t", "body": "b",
@@ -46,6 +50,10 @@ pub async fn run(
                 out.push(t.elapsed());
                 let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
                 anyhow::ensure!(v["ok"] == serde_json::json!(true), "create failed: {v}");
+                anyhow::ensure!(
+                    v["duplicate"] == serde_json::json!(false),
+                    "a latency create was taken for a repeat: {v}"
+                );
             }
             anyhow::Ok(out)
         }));

@@ -277,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
         let lat = create_latency::run(
             &env.nats,
             &env.subjects(),
+            if args.api_only { "api" } else { "full" },
             args.requesters,
             args.requests_each,
         )
@@ -337,6 +338,7 @@ async fn main() -> anyhow::Result<()> {
     let lat = create_latency::run(
         &env.nats,
         &env.subjects(),
+        "full",
         args.requesters,
         args.requests_each,
     )
@@ -349,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
     let lat_api = create_latency::run(
         &env.nats,
         &env.subjects(),
+        "api",
         args.requesters,
         args.requests_each,
     )
