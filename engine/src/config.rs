@@ -132,7 +132,9 @@ pub struct ApiConfig {
     pub dedupe_window_secs: u64,
     /// Requests handled at once on this node.
     pub max_in_flight: usize,
-    /// Database connections reserved for the API, so fan-out work cannot starve it.
+    /// Database connections reserved for the API, so fan-out work cannot starve it. Each
+    /// runs one multi-row insert of the creates waiting at the time; on a small machine
+    /// fewer, bigger batches answer faster than many small ones.
     pub db_connections: u32,
 }
 
@@ -142,7 +144,7 @@ impl Default for ApiConfig {
             enabled: true,
             dedupe_window_secs: 30 * 60,
             max_in_flight: 256,
-            db_connections: 4,
+            db_connections: 2,
         }
     }
 }
