@@ -203,6 +203,35 @@ impl PushSender {
     }
 }
 
+/// Decodes and checks a push batch of `campaign`. A batch of an older campaign with the same
+/// id (another epoch) is acked and skipped; an undecodable or invalid one is rejected.
+pub(crate) fn checked_batch(d: &Delivery, campaign: &Campaign) -> Result<PushBatch, Outcome> {
+    let batch: PushBatch = decode(&d.payload).map_err(|e| Outcome::Reject {
+        reason: format!("undecodable PushBatch: {e}"),
+    })?;
+    if batch.epoch != campaign.epoch {
+        tracing::debug!(
+            campaign_id = campaign.id,
+            epoch = batch.epoch,
+            "stale PushBatch skipped"
+        );
+        return Err(Outcome::Done);
+    }
+    if batch.campaign_id != campaign.id
+        || batch.user_ids.is_empty()
+        || batch.user_ids.len() > MAX_BATCH_RECIPIENTS
+    {
+        return Err(Outcome::Reject {
+            reason: format!(
+                "invalid push batch: campaign {} with {} recipients",
+                batch.campaign_id,
+                batch.user_ids.len()
+            ),
+        });
+    }
+    Ok(batch)
+}
+
 async fn settle_with_retries<T, F, Fut>(mut f: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
@@ -239,34 +268,10 @@ impl Stage for PushSender {
     }
 
     async fn handle(&self, d: Delivery) -> Outcome {
-        let batch: PushBatch = match decode(&d.payload) {
+        let batch = match checked_batch(&d, &self.campaign) {
             Ok(b) => b,
-            Err(e) => {
-                return Outcome::Reject {
-                    reason: format!("undecodable PushBatch: {e}"),
-                }
-            }
+            Err(outcome) => return outcome,
         };
-        if batch.epoch != self.campaign.epoch {
-            tracing::debug!(
-                campaign_id = self.campaign.id,
-                epoch = batch.epoch,
-                "stale PushBatch skipped"
-            );
-            return Outcome::Done;
-        }
-        if batch.campaign_id != self.campaign.id
-            || batch.user_ids.is_empty()
-            || batch.user_ids.len() > MAX_BATCH_RECIPIENTS
-        {
-            return Outcome::Reject {
-                reason: format!(
-                    "invalid push batch: campaign {} with {} recipients",
-                    batch.campaign_id,
-                    batch.user_ids.len()
-                ),
-            };
-        }
         match self.process(batch, &d).await {
             Ok(outcome) => outcome,
             Err(reason) => {

@@ -151,8 +151,12 @@ where
                     tracing::warn!(consumer = %durable, "message without jetstream info, ignored");
                     return;
                 };
-                let outcome =
-                    with_progress(&msg, settings.ack_wait, handler(delivery.clone())).await;
+                let outcome = with_progress(
+                    std::slice::from_ref(&msg),
+                    settings.ack_wait,
+                    handler(delivery.clone()),
+                )
+                .await;
                 settle(
                     &js,
                     &subjects,
@@ -170,12 +174,12 @@ where
     Ok(())
 }
 
-/// Runs `work`, telling the server the message is still in progress while it runs long.
-async fn with_progress<F: Future<Output = Outcome>>(
-    msg: &jetstream::Message,
+/// Runs `work`, telling the server the messages are still in progress while it runs long.
+pub(crate) async fn with_progress<F: Future>(
+    msgs: &[jetstream::Message],
     ack_wait: Duration,
     work: F,
-) -> Outcome {
+) -> F::Output {
     let period = (ack_wait / 3).max(Duration::from_millis(200));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tokio::pin!(work);
@@ -183,8 +187,10 @@ async fn with_progress<F: Future<Output = Outcome>>(
         tokio::select! {
             out = &mut work => return out,
             _ = tick.tick() => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    tracing::debug!(error = %e, "progress ack failed");
+                for msg in msgs {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "progress ack failed");
+                    }
                 }
             }
         }

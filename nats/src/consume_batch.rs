@@ -5,12 +5,12 @@
 
 use std::{future::Future, time::Duration};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use herald_schemas::Subjects;
 
 use crate::{
-    consume::{settle, ConsumeSettings, Delivery, Outcome},
+    consume::{settle, with_progress, ConsumeSettings, Delivery, Outcome},
     NatsError,
 };
 
@@ -101,27 +101,4 @@ where
         })
         .await;
     Ok(())
-}
-
-/// Runs `work`, telling the server every message of the batch is still in progress.
-async fn with_progress<F: Future<Output = Vec<Outcome>>>(
-    msgs: &[jetstream::Message],
-    ack_wait: Duration,
-    work: F,
-) -> Vec<Outcome> {
-    let period = (ack_wait / 3).max(Duration::from_millis(200));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            out = &mut work => return out,
-            _ = tick.tick() => {
-                for m in msgs {
-                    if let Err(e) = m.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %e, "progress ack failed");
-                    }
-                }
-            }
-        }
-    }
 }

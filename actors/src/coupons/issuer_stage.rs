@@ -7,17 +7,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_nats::{Delivery, Outcome};
-use herald_schemas::{decode, PushBatch, Subjects};
+use herald_schemas::Subjects;
 
 use super::store::BatchDone;
 use crate::{
     context::{Shared, StageSettings},
+    push_sender::checked_batch,
     stage::Stage,
     store::Campaign,
 };
-
-/// Most recipients a batch may carry; more is a malformed message.
-const MAX_BATCH_RECIPIENTS: usize = 10_000;
 
 /// Issues one eager coupon to its campaign's push batches.
 pub struct CouponIssuer {
@@ -57,29 +55,10 @@ impl Stage for CouponIssuer {
     }
 
     async fn handle(&self, d: Delivery) -> Outcome {
-        let batch: PushBatch = match decode(&d.payload) {
+        let batch = match checked_batch(&d, &self.campaign) {
             Ok(b) => b,
-            Err(e) => {
-                return Outcome::Reject {
-                    reason: format!("undecodable PushBatch: {e}"),
-                }
-            }
+            Err(outcome) => return outcome,
         };
-        if batch.epoch != self.campaign.epoch {
-            return Outcome::Done;
-        }
-        if batch.campaign_id != self.campaign.id
-            || batch.user_ids.is_empty()
-            || batch.user_ids.len() > MAX_BATCH_RECIPIENTS
-        {
-            return Outcome::Reject {
-                reason: format!(
-                    "invalid push batch: campaign {} with {} recipients",
-                    batch.campaign_id,
-                    batch.user_ids.len()
-                ),
-            };
-        }
         let pairs: Vec<(i64, i64)> = batch
             .user_ids
             .iter()
