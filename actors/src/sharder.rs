@@ -112,20 +112,30 @@ pub async fn announce(
     id: i64,
     epoch: i64,
 ) {
-    let payload = match encode(&CampaignCreated::new(id).with_epoch(epoch)) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(campaign_id = id, error = %e, "encoding CampaignCreated failed");
-            return;
+    announce_all(js, subjects, &[(id, epoch)]).await
+}
+
+/// Publishes `CampaignCreated` for each (campaign id, epoch), pipelined, then awaits the acks.
+pub async fn announce_all(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+    campaigns: &[(i64, i64)],
+) {
+    let mut out = Vec::with_capacity(campaigns.len());
+    for (id, epoch) in campaigns {
+        match encode(&CampaignCreated::new(*id).with_epoch(*epoch)) {
+            Ok(payload) => out.push(Outgoing {
+                subject: subjects.campaign_created(*id),
+                msg_id: format!("created:{id}.{epoch}"),
+                payload: payload.into(),
+            }),
+            Err(e) => {
+                tracing::error!(campaign_id = id, error = %e, "encoding CampaignCreated failed")
+            }
         }
-    };
-    let out = Outgoing {
-        subject: subjects.campaign_created(id),
-        msg_id: format!("created:{id}.{epoch}"),
-        payload: payload.into(),
-    };
-    if let Err(e) = publish_all(js, &[out]).await {
-        tracing::warn!(campaign_id = id, error = %e, "announcing campaign failed; it will be retried");
+    }
+    if let Err(e) = publish_all(js, &out).await {
+        tracing::warn!(campaigns = out.len(), error = %e, "announcing campaigns failed; they will be retried");
     }
 }
 

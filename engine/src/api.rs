@@ -30,9 +30,11 @@ use serde::Serialize;
 use tokio::{sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+mod after_create;
 mod coupons;
 mod create_batch;
 
+pub use after_create::{AfterCreate, AfterCreates};
 pub use create_batch::CreateBatcher;
 
 /// How long a create in progress holds its dedupe key before a repeat may proceed.
@@ -59,6 +61,8 @@ pub struct ApiService {
     pub coupons: ActiveCoupons,
     /// Groups the campaign inserts of concurrent creates.
     pub creates: CreateBatcher,
+    /// Groups the Redis records and announcements that follow creates.
+    pub after: AfterCreates,
 }
 
 /// The request subjects the service answers.
@@ -203,22 +207,8 @@ impl ApiService {
             }
         };
         // Repeats now get the id from Redis; one that came in meanwhile waits for it.
-        let remaining = window.saturating_sub((Utc::now() - now).to_std().unwrap_or_default());
-        let redis = self.redis.clone();
-        tokio::spawn(async move {
-            let r: Result<Option<String>, _> = redis
-                .set(
-                    &key,
-                    id.to_string(),
-                    Some(Expiration::PX(remaining.as_millis().max(1) as i64)),
-                    None,
-                    false,
-                )
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(id, error = %e, "recording dedupe key failed; the database check still holds");
-            }
-        });
+        let ttl = window.saturating_sub((Utc::now() - now).to_std().unwrap_or_default());
+        self.after.push(AfterCreate::RecordId { key, id, ttl });
         Ok((id, duplicate, now))
     }
 
@@ -248,7 +238,7 @@ impl ApiService {
             .await?;
         if !duplicate {
             self.announce(id, now.timestamp_millis());
-            tracing::info!(campaign_id = id, name = %req.name, "campaign created");
+            tracing::debug!(campaign_id = id, name = %req.name, "campaign created");
         }
         Ok(CreateCampaignReply {
             ok: true,
@@ -260,10 +250,8 @@ impl ApiService {
     /// Announces a new campaign on the campaigns stream, after the reply: the row is the
     /// record, and a lost announcement is repeated by the node that finds the pending campaign.
     fn announce(&self, campaign_id: i64, epoch: i64) {
-        let (js, subjects) = (self.js.clone(), self.subjects.clone());
-        tokio::spawn(async move {
-            herald_actors::sharder::announce(&js, &subjects, campaign_id, epoch).await
-        });
+        self.after
+            .push(AfterCreate::Announce { campaign_id, epoch });
     }
 
     async fn status(

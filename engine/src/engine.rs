@@ -196,6 +196,12 @@ impl Engine {
             let api_db = connect_db(&config.database.url, config.api.db_connections.max(1)).await?;
             let api_store = Store::new(api_db);
             let service = ApiService {
+                after: crate::api::AfterCreates::start(
+                    redis.clone(),
+                    js.clone(),
+                    subjects.clone(),
+                    config.api.max_in_flight * 2,
+                ),
                 creates: crate::api::CreateBatcher::start(
                     api_store.clone(),
                     config.api.max_in_flight,

@@ -33,6 +33,10 @@ use herald_engine::{
 };
 use serde_json::json;
 
+// As in the `herald` binary: the engine runs on mimalloc, not glibc's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Clone)]
 #[command(about = "Benchmark herald's pipeline against the reference design's shape and the bus")]
 struct Args {
