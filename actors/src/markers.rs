@@ -22,7 +22,7 @@ use fred::{
     clients::Client,
     interfaces::{ClientLike, HashesInterface, KeysInterface, LuaInterface},
     prelude::{Builder, Config, ReconnectPolicy},
-    types::scripts::Script,
+    types::{scripts::Script, Value},
 };
 
 /// Bits per bitmap key.
@@ -67,15 +67,17 @@ pub enum ClaimState {
 pub struct MarkerError(#[from] fred::error::Error);
 
 // KEYS: per id range, its claims hash then its bitmap. ARGV: token, ttl ms, n, marker ttl s,
-// then per user: range index (1-based), offset in the range.
+// then the users packed: per user its range index (1-based, u16) and offset (u32), little
+// endian. One binary argument instead of two strings per user: formatting and framing those
+// strings was the engine's largest cost in a profile.
 const CLAIM: &str = r#"
-local token, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local token, ttl, n, packed = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mine = token .. '|' .. (now + ttl)
 local out = {}
 for i = 1, n do
-  local k, off = tonumber(ARGV[3 + 2 * i]), ARGV[4 + 2 * i]
+  local k, off = struct.unpack('<I2I4', packed, 6 * i - 5)
   local claims, bitmap = KEYS[2 * k - 1], KEYS[2 * k]
   if redis.call('GETBIT', bitmap, off) == 1 then
     out[i] = 0
@@ -99,14 +101,14 @@ return out
 "#;
 
 // KEYS: per id range, its claims hash then its bitmap; last, the progress hash.
-// ARGV: n, progress field, marker ttl s, then per user: range index, offset.
+// ARGV: n, progress field, marker ttl s, then the users packed as for CLAIM.
 // The claim is dropped whoever holds it: once the bit is set nobody may send again, and a
 // holder that is sending right now claimed before this confirm, so it would send anyway.
 const CONFIRM: &str = r#"
-local n = tonumber(ARGV[1])
+local n, packed = tonumber(ARGV[1]), ARGV[4]
 local added = 0
 for i = 1, n do
-  local k, off = tonumber(ARGV[2 + 2 * i]), ARGV[3 + 2 * i]
+  local k, off = struct.unpack('<I2I4', packed, 6 * i - 5)
   if redis.call('SETBIT', KEYS[2 * k], off, 1) == 0 then
     added = added + 1
   end
@@ -120,11 +122,12 @@ redis.call('EXPIRE', KEYS[#KEYS], ARGV[3])
 return total
 "#;
 
-// KEYS: per id range, its claims hash. ARGV: token, n, then per user: range index, offset.
+// KEYS: per id range, its claims hash. ARGV: token, n, then the users packed as for CLAIM.
 const RELEASE: &str = r#"
-local token, n = ARGV[1], tonumber(ARGV[2])
+local token, n, packed = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 for i = 1, n do
-  local claims, off = KEYS[tonumber(ARGV[1 + 2 * i])], ARGV[2 + 2 * i]
+  local k, off = struct.unpack('<I2I4', packed, 6 * i - 5)
+  local claims = KEYS[k]
   local cur = redis.call('HGET', claims, off)
   if cur and string.sub(cur, 1, string.find(cur, '|', 1, true) - 1) == token then
     redis.call('HDEL', claims, off)
@@ -234,10 +237,11 @@ impl Markers {
         format!("{}:c:{campaign}:progress", self.prefix)
     }
 
-    /// The id ranges `users` fall in, and per user (range index from 1, offset) as args.
-    fn ranges(users: &[i64]) -> (Vec<i64>, Vec<String>) {
+    /// The id ranges `users` fall in, and the users packed for the scripts: per user its
+    /// range index from 1 (u16) and its offset in the range (u32), little endian.
+    fn ranges(users: &[i64]) -> (Vec<i64>, Value) {
         let mut chunks: Vec<i64> = Vec::new();
-        let mut args = Vec::with_capacity(users.len() * 2);
+        let mut packed = Vec::with_capacity(users.len() * 6);
         for u in users {
             let chunk = u >> CHUNK_BITS;
             let k = match chunks.iter().position(|c| *c == chunk) {
@@ -247,10 +251,10 @@ impl Markers {
                     chunks.len()
                 }
             };
-            args.push(k.to_string());
-            args.push(Self::offset(*u).to_string());
+            packed.extend_from_slice(&(k as u16).to_le_bytes());
+            packed.extend_from_slice(&(Self::offset(*u) as u32).to_le_bytes());
         }
-        (chunks, args)
+        (chunks, Value::Bytes(packed.into()))
     }
 
     fn range_keys(&self, campaign: CampaignRef, chunks: &[i64], with_bitmaps: bool) -> Vec<String> {
@@ -277,13 +281,13 @@ impl Markers {
         }
         let (chunks, pairs) = Self::ranges(users);
         let keys = self.range_keys(campaign, &chunks, true);
-        let mut args: Vec<String> = vec![
-            token.to_string(),
-            self.claim_ttl.as_millis().max(1).to_string(),
-            users.len().to_string(),
-            self.marker_ttl.as_secs().max(1).to_string(),
+        let args: Vec<Value> = vec![
+            token.into(),
+            self.claim_ttl.as_millis().max(1).to_string().into(),
+            users.len().to_string().into(),
+            self.marker_ttl.as_secs().max(1).to_string().into(),
+            pairs,
         ];
-        args.extend(pairs);
         let states: Vec<i64> = self
             .claim
             .evalsha_with_reload(&self.client, keys, args)
@@ -315,12 +319,12 @@ impl Markers {
             Settled::Sent => format!("{batch_field}:s"),
             Settled::Failed => format!("{batch_field}:f"),
         };
-        let mut args: Vec<String> = vec![
-            users.len().to_string(),
-            field,
-            self.marker_ttl.as_secs().max(1).to_string(),
+        let args: Vec<Value> = vec![
+            users.len().to_string().into(),
+            field.into(),
+            self.marker_ttl.as_secs().max(1).to_string().into(),
+            pairs,
         ];
-        args.extend(pairs);
         Ok(self
             .confirm
             .evalsha_with_reload(&self.client, keys, args)
@@ -340,8 +344,7 @@ impl Markers {
         }
         let (chunks, pairs) = Self::ranges(users);
         let keys = self.range_keys(campaign, &chunks, false);
-        let mut args = vec![token.to_string(), users.len().to_string()];
-        args.extend(pairs);
+        let args: Vec<Value> = vec![token.into(), users.len().to_string().into(), pairs];
         let _: i64 = self
             .release
             .evalsha_with_reload(&self.client, keys, args)
