@@ -379,9 +379,7 @@ async fn sql_i64(url: &str, sql: &str) -> anyhow::Result<i64> {
 
 /// User + system CPU seconds of the calling thread.
 fn thread_cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/thread-self/stat")
-        .map(|s| stat_ticks(&s, false) / clock_ticks())
-        .unwrap_or(0.0)
+    crate::proc::stat_cpu_seconds("/proc/thread-self/stat", false)
 }
 
 /// CPU seconds every process named as in [`SERVERS`] has used so far, their reaped children
@@ -399,37 +397,7 @@ fn server_cpu() -> [f64; 3] {
         let Some(i) = SERVERS.iter().position(|s| *s == comm.trim()) else {
             continue;
         };
-        if let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
-            out[i] += stat_ticks(&stat, true);
-        }
+        out[i] += crate::proc::stat_cpu_seconds(path.join("stat"), true);
     }
-    out.map(|ticks| ticks / clock_ticks())
-}
-
-/// utime + stime (and with `children`, cutime + cstime) of a `/proc/.../stat` line, in ticks.
-fn stat_ticks(stat: &str, children: bool) -> f64 {
-    // Fields after the command name (which may hold spaces) start after the last ')'; utime
-    // is field 14 of the whole line, 12th after it.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let own = t(11) + t(12);
-    if children {
-        own + t(13) + t(14)
-    } else {
-        own
-    }
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    out
 }
