@@ -144,25 +144,31 @@ impl PushSender {
         // them into repeats; then record the failures and settle those.
         let now = chrono::Utc::now();
         let failed_users: Vec<i64> = failed.iter().map(|(u, _)| *u).collect();
-        let total_sent = settle_with_retries(|| async {
+        let totals = settle_with_retries(|| async {
             markers
-                .confirm(scope, &field, Settled::Sent, &sent)
+                .confirm_totals(scope, &field, Settled::Sent, &sent)
                 .await
                 .map_err(|e| e.to_string())
         })
         .await?;
-        let total_failed = settle_with_retries(|| async {
-            self.shared
-                .store
-                .record_failures(cid, &failed, now)
-                .await
-                .map_err(|e| e.to_string())?;
-            markers
-                .confirm(scope, &field, Settled::Failed, &failed_users)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await?;
+        let total_sent = totals.sent;
+        // Without failures now, the failed total is what earlier deliveries left.
+        let total_failed = if failed.is_empty() {
+            totals.failed
+        } else {
+            settle_with_retries(|| async {
+                self.shared
+                    .store
+                    .record_failures(cid, &failed, now)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                markers
+                    .confirm(scope, &field, Settled::Failed, &failed_users)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await?
+        };
         if !retry.is_empty() || (busy > 0 && !last) {
             if let Err(e) = markers.release(scope, &retry, &token).await {
                 tracing::warn!(campaign_id = cid, error = %e, "releasing claims failed; they expire");

@@ -405,8 +405,11 @@ async fn user_ids_in_different_bitmap_ranges_all_work() {
 }
 
 #[tokio::test]
-async fn a_million_confirmed_users_cost_under_200_kb() {
-    // Documents the ~1.25 MB per 10M users property: one bit per user, not one key.
+async fn a_million_confirmed_users_cost_bits_not_keys() {
+    // Documents the ~1.25 MB per 10M users property: one bit per user, not one key. Redis
+    // grows a string below 1 MB by doubling what it needs, so a bitmap holds up to twice its
+    // bits' bytes (125 KB here); where the last doubling lands depends on how the batches
+    // arrive, so the bound is that, not the bits alone.
     const USERS: i64 = 1_000_000;
     const BATCH: i64 = 1_000;
     with_markers(Duration::from_secs(30), |m, prefix| async move {
@@ -441,7 +444,11 @@ async fn a_million_confirmed_users_cost_under_200_kb() {
         }
         eprintln!("bitmaps for {USERS} users: {bitmap_bytes} bytes");
         assert!(bitmap_bytes > 0);
-        assert!(bitmap_bytes < 200_000, "bitmaps take {bitmap_bytes} bytes");
+        let bits_bytes = USERS / 8;
+        assert!(
+            bitmap_bytes <= 2 * bits_bytes + 8_192,
+            "bitmaps take {bitmap_bytes} bytes for {bits_bytes} bytes of bits"
+        );
         // No per-user keys: the bitmaps and the progress hash are all there is.
         let keys = keys_under(m.client(), &prefix).await;
         assert_eq!(keys.len() as i64, (USERS >> 20) + 2, "keys: {keys:?}");
@@ -499,6 +506,75 @@ async fn racing_claimers_get_each_user_exactly_once() {
             let holder = claim_holder(m.client(), &prefix, CAMPAIGN, *user).await;
             assert_eq!(holder.as_deref(), Some(tokens[0].as_str()), "user {user}");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_batch_of_thousands_mixing_done_busy_and_free_users_over_ranges() {
+    // The scripts work per id range in slices of a thousand or so arguments: a batch larger
+    // than a slice, with its ranges interleaved and a user listed twice, must still answer
+    // each user in order.
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        let users: Vec<i64> = (0..6_000i64)
+            .map(|i| if i % 2 == 0 { i } else { (3 << 20) + i })
+            .collect();
+        let done: Vec<i64> = users.iter().copied().filter(|u| u % 3 == 0).collect();
+        let busy: Vec<i64> = users.iter().copied().filter(|u| u % 3 == 1).collect();
+        assert_eq!(
+            m.claim(CAMPAIGN, &done, "a").await.unwrap(),
+            all(ClaimState::Claimed, done.len())
+        );
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b1", Settled::Sent, &done)
+                .await
+                .unwrap(),
+            done.len() as i64
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &busy, "b").await.unwrap(),
+            all(ClaimState::Claimed, busy.len())
+        );
+
+        let mut batch = users.clone();
+        batch.push(users[5]);
+        let expect: Vec<ClaimState> = batch
+            .iter()
+            .map(|u| match u % 3 {
+                0 => ClaimState::Done,
+                1 => ClaimState::Busy,
+                _ => ClaimState::Claimed,
+            })
+            .collect();
+        assert_eq!(m.claim(CAMPAIGN, &batch, "c").await.unwrap(), expect);
+
+        // Confirming everything adds only the users not confirmed before, once each, and
+        // frees every claim: a third token then finds all of them done.
+        let fresh = (batch.len() - 1 - done.len()) as i64;
+        assert_eq!(
+            m.confirm(CAMPAIGN, "b2", Settled::Sent, &batch)
+                .await
+                .unwrap(),
+            fresh
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &batch, "d").await.unwrap(),
+            all(ClaimState::Done, batch.len())
+        );
+
+        // Release drops only the caller's own claims.
+        let later: Vec<i64> = (10_000..12_500).collect();
+        m.claim(CAMPAIGN, &later, "e").await.unwrap();
+        m.release(CAMPAIGN, &later, "f").await.unwrap();
+        assert_eq!(
+            m.claim(CAMPAIGN, &later, "g").await.unwrap(),
+            all(ClaimState::Busy, later.len())
+        );
+        m.release(CAMPAIGN, &later, "e").await.unwrap();
+        assert_eq!(
+            m.claim(CAMPAIGN, &later, "g").await.unwrap(),
+            all(ClaimState::Claimed, later.len())
+        );
     })
     .await;
 }

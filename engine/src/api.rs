@@ -33,9 +33,11 @@ use tokio_util::sync::CancellationToken;
 mod after_create;
 mod coupons;
 mod create_batch;
+mod start;
 
 pub use after_create::{AfterCreate, AfterCreates};
 pub use create_batch::CreateBatcher;
+pub use start::start;
 
 /// How long a create in progress holds its dedupe key before a repeat may proceed.
 const PENDING_TTL: Duration = Duration::from_secs(30);

@@ -136,6 +136,9 @@ pub struct ApiConfig {
     /// runs one multi-row insert of the creates waiting at the time; on a small machine
     /// fewer, bigger batches answer faster than many small ones.
     pub db_connections: u32,
+    /// Serve the API on a thread of its own (its own runtime, NATS connection, database
+    /// pool and Redis client), so requests do not queue behind the pipeline's tasks.
+    pub own_thread: bool,
 }
 
 impl Default for ApiConfig {
@@ -145,6 +148,7 @@ impl Default for ApiConfig {
             dedupe_window_secs: 30 * 60,
             max_in_flight: 256,
             db_connections: 2,
+            own_thread: true,
         }
     }
 }

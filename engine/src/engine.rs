@@ -21,7 +21,7 @@ use sea_orm_migration::MigratorTrait;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{api::ApiService, config::Config};
+use crate::config::Config;
 
 /// A running herald node.
 pub struct Engine {
@@ -193,30 +193,8 @@ impl Engine {
         );
         let stop = CancellationToken::new();
         let api = if config.api.enabled {
-            let api_db = connect_db(&config.database.url, config.api.db_connections.max(1)).await?;
-            let api_store = Store::new(api_db);
-            let service = ApiService {
-                after: crate::api::AfterCreates::start(
-                    redis.clone(),
-                    js.clone(),
-                    subjects.clone(),
-                    config.api.max_in_flight * 2,
-                ),
-                creates: crate::api::CreateBatcher::start(
-                    api_store.clone(),
-                    config.api.max_in_flight,
-                    config.api.db_connections.max(1) as usize,
-                ),
-                nats: nats.clone(),
-                js,
-                subjects,
-                store: api_store,
-                redis,
-                dedupe_window: Duration::from_secs(config.api.dedupe_window_secs),
-                max_in_flight: config.api.max_in_flight,
-                coupons: shared.coupons.clone(),
-            };
-            Some(service.spawn(stop.clone()).await?)
+            let claim_ttl = shared.settings.claim_ttl;
+            Some(crate::api::start(&config, &node_id, redis, nats, claim_ttl, stop.clone()).await?)
         } else {
             None
         };

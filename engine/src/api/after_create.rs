@@ -41,16 +41,17 @@ pub struct AfterCreates {
 }
 
 impl AfterCreates {
-    /// Starts the collector; at most `queue` jobs wait.
+    /// Starts the collector; at most `queue` jobs wait. The handle ends once every sender
+    /// is dropped and what was queued has been sent.
     pub fn start(
         redis: Redis,
         js: async_nats::jetstream::Context,
         subjects: Subjects,
         queue: usize,
-    ) -> Self {
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
-        tokio::spawn(collect(redis, js, subjects, rx));
-        Self { tx }
+        let collector = tokio::spawn(collect(redis, js, subjects, rx));
+        (Self { tx }, collector)
     }
 
     /// Queues a job; when the queue is full the job runs on its own task instead.

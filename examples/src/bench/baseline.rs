@@ -30,6 +30,8 @@ pub struct BaselineResult {
     pub users: u64,
     pub seconds: f64,
     pub ledger: Ledger,
+    /// CPU of this process and the servers during the run.
+    pub cpu: crate::proc::CpuSnapshot,
 }
 
 pub async fn run(
@@ -60,6 +62,7 @@ pub async fn run(
         permanent_failure_rate: 0.0,
     }));
     let ledger = provider.ledger();
+    let cpu0 = crate::proc::CpuSnapshot::now();
     let started = Instant::now();
 
     // One message per user.
@@ -114,6 +117,7 @@ pub async fn run(
         .await;
     producer.await??;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = crate::proc::CpuSnapshot::since(&cpu0);
     // Clean up: the stream and the per-user keys.
     let _ = js.delete_stream(&name).await;
     herald_actors::markers::delete_matching(&redis, &format!("{key_prefix}:*")).await?;
@@ -122,5 +126,6 @@ pub async fn run(
         users: handled,
         seconds,
         ledger,
+        cpu,
     })
 }

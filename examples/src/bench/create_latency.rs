@@ -1,5 +1,9 @@
 //! Latency of `campaign.create` under concurrent requesters, each sending its requests one
 //! after another. The campaigns target an empty segment so the fan-out is trivial.
+//!
+//! [`floor`] runs the same requesters against a responder that only decodes the body and
+//! replies: the request/reply round trip through NATS on this machine, below which no create
+//! can answer.
 
 use std::time::{Duration, Instant};
 
@@ -28,11 +32,64 @@ pub async fn run(
     requesters: usize,
     per_requester: usize,
 ) -> anyhow::Result<Latencies> {
+    run_on(
+        nats,
+        subjects.api_campaign_create(),
+        tag,
+        requesters,
+        per_requester,
+    )
+    .await
+}
+
+/// The requesters against a no-op responder on its own connection to `nats_url`, on a
+/// subject under `prefix`: what the same load costs with no create behind it.
+pub async fn floor(
+    nats: &async_nats::Client,
+    nats_url: &str,
+    prefix: &str,
+    requesters: usize,
+    per_requester: usize,
+) -> anyhow::Result<Latencies> {
+    let subject = format!("{prefix}.bench.floor");
+    let responder = async_nats::connect(nats_url).await?;
+    let mut sub = responder.subscribe(subject.clone()).await?;
+    let serve = tokio::spawn(async move {
+        while let Some(msg) = futures::StreamExt::next(&mut sub).await {
+            let responder = responder.clone();
+            tokio::spawn(async move {
+                let ok = serde_json::from_slice::<serde_json::Value>(&msg.payload).is_ok();
+                if let (Some(reply), true) = (msg.reply, ok) {
+                    let body = br#"{"ok":true,"campaign_id":0,"duplicate":false}"#;
+                    let _ = responder.publish(reply, body.as_slice().into()).await;
+                }
+            });
+        }
+    });
+    // Until the server has the subscription, requests find no responders.
+    let mut tries = 0;
+    while nats.request(subject.clone(), "{}".into()).await.is_err() {
+        tries += 1;
+        anyhow::ensure!(tries < 100, "the no-op responder never answered");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let lat = run_on(nats, subject, "floor", requesters, per_requester).await;
+    serve.abort();
+    lat
+}
+
+async fn run_on(
+    nats: &async_nats::Client,
+    subject: String,
+    tag: &str,
+    requesters: usize,
+    per_requester: usize,
+) -> anyhow::Result<Latencies> {
     let run_id = std::process::id();
     let mut tasks = Vec::new();
     for r in 0..requesters {
         let nats = nats.clone();
-        let subject = subjects.api_campaign_create();
+        let subject = subject.clone();
         let tag = tag.to_string();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::with_capacity(per_requester);

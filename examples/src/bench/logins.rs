@@ -29,12 +29,12 @@ use herald_engine::{
 };
 use serde_json::json;
 
+use crate::proc::{server_cpu, SERVERS};
+
 /// Unlimited lazy coupons; one more is limited to half the users.
 const UNLIMITED: usize = 4;
 /// How often completion is checked.
 const POLL: Duration = Duration::from_millis(150);
-/// Processes whose CPU is reported, by `/proc/<pid>/comm`.
-const SERVERS: [&str; 3] = ["nats-server", "redis-server", "postgres"];
 
 /// What the login scenario measured.
 pub struct LoginsResult {
@@ -380,24 +380,4 @@ async fn sql_i64(url: &str, sql: &str) -> anyhow::Result<i64> {
 /// User + system CPU seconds of the calling thread.
 fn thread_cpu_seconds() -> f64 {
     crate::proc::stat_cpu_seconds("/proc/thread-self/stat", false)
-}
-
-/// CPU seconds every process named as in [`SERVERS`] has used so far, their reaped children
-/// included (PostgreSQL's backends that exited count through the postmaster).
-fn server_cpu() -> [f64; 3] {
-    let mut out = [0.0; 3];
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let path = entry.path();
-        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
-            continue;
-        };
-        let Some(i) = SERVERS.iter().position(|s| *s == comm.trim()) else {
-            continue;
-        };
-        out[i] += crate::proc::stat_cpu_seconds(path.join("stat"), true);
-    }
-    out
 }

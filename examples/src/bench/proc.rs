@@ -1,4 +1,86 @@
-//! Process measurements from /proc: CPU seconds and peak resident memory (resettable).
+//! Process measurements from /proc: CPU seconds of this process and of the local servers, and
+//! peak resident memory (resettable).
+
+/// The local servers whose CPU the bench reports, by `/proc/<pid>/comm`.
+pub const SERVERS: [&str; 3] = ["nats-server", "redis-server", "postgres"];
+
+/// CPU seconds used so far by this process and by each of [`SERVERS`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSnapshot {
+    /// This process: the engine and the bench's thin driver.
+    pub engine: f64,
+    /// Each of [`SERVERS`], in order.
+    pub servers: [f64; 3],
+}
+
+impl CpuSnapshot {
+    /// Reads the counters now.
+    pub fn now() -> Self {
+        Self {
+            engine: cpu_seconds(),
+            servers: server_cpu(),
+        }
+    }
+
+    /// What was used between `before` and now.
+    pub fn since(before: &Self) -> Self {
+        let now = Self::now();
+        let mut servers = [0.0; 3];
+        for (i, s) in servers.iter_mut().enumerate() {
+            *s = now.servers[i] - before.servers[i];
+        }
+        Self {
+            engine: now.engine - before.engine,
+            servers,
+        }
+    }
+
+    /// Every process together.
+    pub fn total(&self) -> f64 {
+        self.engine + self.servers.iter().sum::<f64>()
+    }
+
+    /// `engine 1.2, nats-server 0.4, …` in microseconds per `per` (a user, a login).
+    pub fn micros_per(&self, per: f64) -> String {
+        let us = |s: f64| s * 1e6 / per.max(1.0);
+        let mut parts = vec![format!("engine {:.1}", us(self.engine))];
+        for (name, s) in SERVERS.iter().zip(self.servers) {
+            parts.push(format!("{name} {:.1}", us(s)));
+        }
+        parts.push(format!("all {:.1}", us(self.total())));
+        parts.join(", ")
+    }
+
+    /// The same as JSON: seconds per process.
+    pub fn json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("engine".into(), self.engine.into());
+        for (name, s) in SERVERS.iter().zip(self.servers) {
+            m.insert((*name).into(), s.into());
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// CPU seconds every process named as in [`SERVERS`] has used so far, their reaped children
+/// included (PostgreSQL's backends that exited count through the postmaster).
+pub fn server_cpu() -> [f64; 3] {
+    let mut out = [0.0; 3];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        let Some(i) = SERVERS.iter().position(|s| *s == comm.trim()) else {
+            continue;
+        };
+        out[i] += stat_cpu_seconds(path.join("stat"), true);
+    }
+    out
+}
 
 /// User + system CPU seconds of this process so far.
 pub fn cpu_seconds() -> f64 {

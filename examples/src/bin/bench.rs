@@ -70,6 +70,10 @@ struct Args {
     /// Database connections of the API (api.db_connections; default: config).
     #[arg(long)]
     api_db_connections: Option<u32>,
+    /// Serve the API on the engine's runtime instead of a thread of its own
+    /// (api.own_thread = false), to compare.
+    #[arg(long)]
+    api_shared_runtime: bool,
     /// Skip the baseline scenarios.
     #[arg(long)]
     skip_baseline: bool,
@@ -95,7 +99,7 @@ struct Args {
 
 struct PushResult {
     seconds: f64,
-    cpu: f64,
+    cpu: proc::CpuSnapshot,
     peak_rss: u64,
     redis_added: i64,
     sent: i64,
@@ -128,6 +132,7 @@ fn bench_config(env: &TestEnv, args: &Args) -> Config {
     if let Some(n) = args.api_db_connections {
         c.api.db_connections = n;
     }
+    c.api.own_thread = !args.api_shared_runtime;
     if let Some(n) = args.event_concurrency {
         c.pipeline.events.concurrency = n;
     }
@@ -150,7 +155,7 @@ async fn push(
         .await?;
     let redis_before = redis_used_memory(&env.config.redis.url).await?;
     proc::reset_peak_rss();
-    let cpu0 = proc::cpu_seconds();
+    let cpu0 = proc::CpuSnapshot::now();
     let t0 = Instant::now();
     let now = chrono::Utc::now();
     let req = CreateCampaignRequest {
@@ -172,7 +177,7 @@ async fn push(
         .wait_completed(reply.campaign_id, std::time::Duration::from_secs(3600))
         .await?;
     let seconds = t0.elapsed().as_secs_f64();
-    let cpu = proc::cpu_seconds() - cpu0;
+    let cpu = proc::CpuSnapshot::since(&cpu0);
     let peak_rss = proc::peak_rss();
     let redis_added = redis_used_memory(&env.config.redis.url).await? - redis_before;
     engine.shutdown().await?;
@@ -278,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
         let mut config = bench_config(&env, &args);
         config.node.run_pipeline = !args.api_only;
         let engine = Engine::builder(config).start().await?;
+        let cpu0 = proc::CpuSnapshot::now();
         let lat = create_latency::run(
             &env.nats,
             &env.subjects(),
@@ -286,13 +292,29 @@ async fn main() -> anyhow::Result<()> {
             args.requests_each,
         )
         .await?;
+        let cpu = proc::CpuSnapshot::since(&cpu0);
         engine.shutdown().await?;
-        println!(
-            "create latency p50 {:.2} ms  p99 {:.2} ms  ({} requesters x {})",
-            lat.quantile(0.5).as_secs_f64() * 1e3,
-            lat.quantile(0.99).as_secs_f64() * 1e3,
+        let floor = create_latency::floor(
+            &env.nats,
+            &env.config.nats.url,
+            &env.prefix,
             args.requesters,
-            args.requests_each
+            args.requests_each,
+        )
+        .await?;
+        for (label, l) in [("create latency", &lat), ("floor: no-op reply", &floor)] {
+            println!(
+                "{label:<20} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requesters x {})",
+                l.quantile(0.5).as_secs_f64() * 1e3,
+                l.quantile(0.99).as_secs_f64() * 1e3,
+                l.quantile(1.0).as_secs_f64() * 1e3,
+                args.requesters,
+                args.requests_each
+            );
+        }
+        println!(
+            "cpu µs per create (requesters in the engine's process): {}",
+            cpu.micros_per(lat.0.len() as f64)
         );
         env.cleanup().await?;
         return Ok(());
@@ -361,6 +383,14 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     engine.shutdown().await?;
+    let lat_floor = create_latency::floor(
+        &env.nats,
+        &env.config.nats.url,
+        &env.prefix,
+        args.requesters,
+        args.requests_each,
+    )
+    .await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
@@ -389,11 +419,16 @@ async fn main() -> anyhow::Result<()> {
             label,
             r.seconds,
             rate(r.seconds, r.sent as f64),
-            r.cpu,
+            r.cpu.engine,
             mb(r.peak_rss as i64),
             mb(r.redis_added),
             r.duplicates,
             r.missing
+        );
+        println!(
+            "{:<34} cpu µs per user: {}",
+            "",
+            r.cpu.micros_per(r.sent as f64)
         );
     }
     let mut json_baseline = json!(null);
@@ -408,13 +443,19 @@ async fn main() -> anyhow::Result<()> {
         ] {
             let br = rate(b.seconds, b.users as f64);
             println!(
-                "{:<34} {:>10.1} {:>12.0}   herald is {:.1}x  ({} users, {} dups)",
+                "{:<34} {:>10.1} {:>12.0} {:>9.1}   herald is {:.1}x  ({} users, {} dups)",
                 label,
                 b.seconds,
                 br,
+                b.cpu.engine,
                 rate(ours.seconds, ours.sent as f64) / br,
                 b.users,
                 b.ledger.duplicates()
+            );
+            println!(
+                "{:<34} cpu µs per user: {}",
+                "",
+                b.cpu.micros_per(b.users as f64)
             );
         }
         json_baseline = json!({
@@ -423,6 +464,8 @@ async fn main() -> anyhow::Result<()> {
             "zero_users_per_s": rate(b0.seconds, b0.users as f64),
             "ratio_latency": rate(slow.seconds, slow.sent as f64) / rate(b200.seconds, b200.users as f64),
             "ratio_zero": rate(fast.seconds, fast.sent as f64) / rate(b0.seconds, b0.users as f64),
+            "latency_cpu_seconds_by_process": b200.cpu.json(),
+            "zero_cpu_seconds_by_process": b0.cpu.json(),
         });
     }
     println!(
@@ -442,6 +485,14 @@ async fn main() -> anyhow::Result<()> {
         lat_api.0.len()
     );
     println!(
+        "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
+        "floor: request/reply, no-op reply",
+        lat_floor.quantile(0.5).as_secs_f64() * 1e3,
+        lat_floor.quantile(0.99).as_secs_f64() * 1e3,
+        lat_floor.quantile(1.0).as_secs_f64() * 1e3,
+        lat_floor.0.len()
+    );
+    println!(
         "{:<34} {:>10.1} {:>12.0}   ({} msgs of {} B, {:.0} msgs/s)",
         "ceiling: raw JetStream pub+sub",
         ceil.seconds,
@@ -456,11 +507,12 @@ async fn main() -> anyhow::Result<()> {
     let line = json!({
         "users": args.users,
         "seed_seconds": seed_secs,
-        "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": rate(slow.seconds, slow.sent as f64), "cpu_seconds": slow.cpu, "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
-        "push_zero": {"seconds": fast.seconds, "users_per_s": rate(fast.seconds, fast.sent as f64), "cpu_seconds": fast.cpu, "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
+        "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": rate(slow.seconds, slow.sent as f64), "cpu_seconds": slow.cpu.engine, "cpu_seconds_by_process": slow.cpu.json(), "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
+        "push_zero": {"seconds": fast.seconds, "users_per_s": rate(fast.seconds, fast.sent as f64), "cpu_seconds": fast.cpu.engine, "cpu_seconds_by_process": fast.cpu.json(), "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
         "baseline": json_baseline,
         "create_latency_ms": {"p50": lat.quantile(0.5).as_secs_f64() * 1e3, "p99": lat.quantile(0.99).as_secs_f64() * 1e3, "requests": lat.0.len()},
         "create_latency_api_only_ms": {"p50": lat_api.quantile(0.5).as_secs_f64() * 1e3, "p99": lat_api.quantile(0.99).as_secs_f64() * 1e3, "requests": lat_api.0.len()},
+        "request_reply_floor_ms": {"p50": lat_floor.quantile(0.5).as_secs_f64() * 1e3, "p99": lat_floor.quantile(0.99).as_secs_f64() * 1e3, "requests": lat_floor.0.len()},
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
         "logins": login.as_ref().map(|r| r.json()),
     });
