@@ -257,3 +257,64 @@ async fn a_repeat_is_still_a_duplicate_after_redis_lost_its_data() {
     engine.shutdown().await.unwrap();
     env.cleanup().await.unwrap();
 }
+
+/// Sends one create from a thread and runtime of its own (an outside client), while the
+/// caller blocks its own thread; returns the reply, or None after `wait`.
+fn create_from_another_thread(
+    url: String,
+    subject: String,
+    name: &str,
+    wait: Duration,
+) -> std::thread::JoinHandle<Option<Value>> {
+    let mut body = good();
+    body["name"] = json!(name);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let nats = async_nats::connect(url).await.unwrap();
+            let payload = serde_json::to_vec(&body).unwrap();
+            let reply = tokio::time::timeout(wait, nats.request(subject, payload.into())).await;
+            reply
+                .ok()
+                .map(|r| serde_json::from_slice(&r.unwrap().payload).unwrap())
+        })
+    })
+}
+
+// The engine's runtime is blocked outright here, the extreme of a runtime whose workers are
+// all busy with pipeline tasks: the API on its own thread still answers; on the engine's
+// runtime (api.own_thread = false) it cannot.
+#[tokio::test]
+async fn the_api_answers_while_the_engines_runtime_is_busy() {
+    let env = TestEnv::new("apithread").await.unwrap();
+    let create = env.subjects().api_campaign_create();
+    for own_thread in [true, false] {
+        let mut config = env.config.clone();
+        config.node.run_pipeline = false;
+        config.api.own_thread = own_thread;
+        let engine = Engine::start(config).await.unwrap();
+        let requester = create_from_another_thread(
+            env.config.nats.url.clone(),
+            create.clone(),
+            &format!("busy runtime {own_thread}"),
+            Duration::from_secs(2),
+        );
+        // Blocks this test's single-threaded runtime, the one the engine runs on.
+        std::thread::sleep(Duration::from_secs(3));
+        let reply = requester.join().unwrap();
+        if own_thread {
+            let reply = reply.expect("a reply while the engine's runtime was blocked");
+            assert_eq!(reply["ok"], json!(true), "{reply}");
+        } else {
+            assert!(
+                reply.is_none(),
+                "on the engine's runtime the API cannot answer while it is blocked: {reply:?}"
+            );
+        }
+        engine.shutdown().await.unwrap();
+    }
+    env.cleanup().await.unwrap();
+}
