@@ -5,7 +5,13 @@ use std::{sync::Arc, time::Duration};
 use herald_nats::{ConsumeSettings, StageConsumer, Topology};
 use tokio::sync::Semaphore;
 
-use crate::{coupons::ActiveCoupons, markers::Markers, provider::Providers, store::Store};
+use crate::{
+    batcher::Batcher,
+    coupons::ActiveCoupons,
+    markers::Markers,
+    provider::Providers,
+    store::{BatchRecord, Store},
+};
 
 /// How one stage pulls and retries.
 #[derive(Debug, Clone)]
@@ -133,6 +139,13 @@ impl Default for PipelineSettings {
     }
 }
 
+/// Finished batches waiting to be recorded, at most.
+const RECORD_QUEUE: usize = 4096;
+/// Batches per insert, at most.
+const RECORD_GROUP: usize = 128;
+/// Inserts of batch records in flight: one connection each, so fan-out work keeps the rest.
+const RECORD_STATEMENTS: usize = 4;
+
 /// Everything a node's actors share.
 pub struct Shared {
     /// This node's id (logs, claim tokens).
@@ -153,6 +166,9 @@ pub struct Shared {
     pub settings: PipelineSettings,
     /// Bounds provider calls in flight on this node.
     pub send_permits: Arc<Semaphore>,
+    /// Records finished push batches of every campaign on this node, grouped into
+    /// multi-row inserts.
+    pub batch_records: Batcher<BatchRecord, ()>,
 }
 
 impl Shared {
@@ -172,7 +188,24 @@ impl Shared {
             &topology.subjects().redis_prefix(),
             settings.claim_ttl,
         );
+        let records = store.clone();
+        let batch_records = Batcher::start(
+            RECORD_QUEUE,
+            RECORD_GROUP,
+            RECORD_STATEMENTS,
+            move |batches: Vec<BatchRecord>| {
+                let store = records.clone();
+                async move {
+                    store
+                        .record_batches(&batches)
+                        .await
+                        .map(|()| vec![(); batches.len()])
+                        .map_err(|e| e.to_string())
+                }
+            },
+        );
         Arc::new(Self {
+            batch_records,
             node_id,
             nats,
             topology,

@@ -6,6 +6,7 @@
 //! to the third parties that deliver pushes. [`coupons`] issues coupons: on login events run
 //! by an [`event_worker::EventWorker`], and as the final stage of an eager coupon's campaign.
 
+pub mod batcher;
 pub mod bucket_expander;
 pub mod campaign_supervisor;
 pub mod context;

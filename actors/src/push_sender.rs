@@ -16,7 +16,7 @@ use crate::{
     markers::{CampaignRef, ClaimState, Settled},
     provider::{Provider, Push, SendError},
     stage::Stage,
-    store::Campaign,
+    store::{BatchRecord, Campaign},
 };
 
 /// Most recipients a batch may carry; more is a malformed message.
@@ -185,23 +185,18 @@ impl PushSender {
         }
         let recipients = batch.user_ids.len() as i64;
         let skipped = (recipients - total_sent - total_failed).max(0);
-        settle_with_retries(|| async {
-            self.shared
-                .store
-                .record_batch(
-                    cid,
-                    batch.bucket,
-                    batch.part,
-                    recipients as i32,
-                    total_sent as i32,
-                    skipped as i32,
-                    total_failed as i32,
-                    chrono::Utc::now(),
-                )
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await?;
+        let record = BatchRecord {
+            campaign_id: cid,
+            bucket: batch.bucket,
+            part: batch.part,
+            recipients: recipients as i32,
+            sent: total_sent as i32,
+            skipped: skipped as i32,
+            failed: total_failed as i32,
+            done_at: chrono::Utc::now(),
+        };
+        settle_with_retries(|| async { self.shared.batch_records.call(record.clone()).await })
+            .await?;
         if let Err(e) = markers.forget_batch(scope, &field).await {
             tracing::debug!(campaign_id = cid, error = %e, "dropping batch totals failed; they expire");
         }

@@ -103,6 +103,27 @@ pub struct NewCampaign {
     pub coupon_id: Option<i64>,
 }
 
+/// A finished push batch and its counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord {
+    /// Campaign.
+    pub campaign_id: i64,
+    /// Bucket.
+    pub bucket: i64,
+    /// Part within the bucket.
+    pub part: i32,
+    /// Users in the batch.
+    pub recipients: i32,
+    /// Users sent.
+    pub sent: i32,
+    /// Users skipped (sent before).
+    pub skipped: i32,
+    /// Users failed for good.
+    pub failed: i32,
+    /// When it finished.
+    pub done_at: DateTime<Utc>,
+}
+
 /// One campaign of [`Store::insert_campaigns`].
 #[derive(Debug, Clone, Copy)]
 pub struct CampaignInsert<'a> {
@@ -456,36 +477,50 @@ impl Store {
         Ok(())
     }
 
-    /// Records that a push batch is finished, with its counts.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn record_batch(
-        &self,
-        campaign_id: i64,
-        bucket: i64,
-        part: i32,
-        recipients: i32,
-        sent: i32,
-        skipped: i32,
-        failed: i32,
-        now: DateTime<Utc>,
-    ) -> Result<(), DbErr> {
-        self.db
-            .execute(stmt(
-                &self.db,
-                "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
-                 failed, done_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-                vec![
-                    campaign_id.into(),
-                    bucket.into(),
-                    part.into(),
-                    recipients.into(),
-                    sent.into(),
-                    skipped.into(),
-                    failed.into(),
-                    now.into(),
-                ],
-            ))
-            .await?;
+    /// Records finished push batches, one multi-row insert; a batch recorded before is left
+    /// as it is.
+    pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<(), DbErr> {
+        let Some(first) = batches.first() else {
+            return Ok(());
+        };
+        // Padded to a power of two with repeats of the first row (ON CONFLICT DO NOTHING
+        // skips them), so the statement takes few shapes and each connection plans it once.
+        let rows = batches.len().next_power_of_two();
+        let mut sql = String::from(
+            "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
+             failed, done_at) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(rows * 8);
+        for i in 0..rows {
+            let b = batches.get(i).unwrap_or(first);
+            let n = values.len();
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                n + 1,
+                n + 2,
+                n + 3,
+                n + 4,
+                n + 5,
+                n + 6,
+                n + 7,
+                n + 8
+            ));
+            values.extend([
+                b.campaign_id.into(),
+                b.bucket.into(),
+                b.part.into(),
+                b.recipients.into(),
+                b.sent.into(),
+                b.skipped.into(),
+                b.failed.into(),
+                b.done_at.into(),
+            ]);
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING");
+        self.db.execute(stmt(&self.db, &sql, values)).await?;
         Ok(())
     }
 

@@ -1,10 +1,11 @@
-//! The campaign store's batch insert, on SQLite and PostgreSQL: one statement for many
+//! The campaign store's batch inserts, on SQLite and PostgreSQL: one statement for many
 //! creates, repeats within the batch and within the window recognised, padding rows never
-//! inserted.
+//! inserted; and finished push batches recorded many per statement, a batch recorded before
+//! left as it was.
 
 use chrono::{Duration as Span, Utc};
 use herald_engine::{
-    actors::store::{CampaignInsert, NewCampaign, Store},
+    actors::store::{BatchRecord, CampaignInsert, NewCampaign, Store},
     schemas::{Audience, InformType},
     testkit::TestEnv,
 };
@@ -87,12 +88,68 @@ async fn batch_insert_on(db: DatabaseConnection) {
     assert!(later.1 && later.0 != first[0].0);
 }
 
+fn record(campaign_id: i64, bucket: i64, part: i32, sent: i32) -> BatchRecord {
+    BatchRecord {
+        campaign_id,
+        bucket,
+        part,
+        recipients: 100,
+        sent,
+        skipped: 100 - sent,
+        failed: 0,
+        done_at: Utc::now(),
+    }
+}
+
+async fn batch_records_on(db: DatabaseConnection) {
+    herald_engine::engine::migrate(&db).await.unwrap();
+    let store = Store::new(db.clone());
+    let (id, _) = store
+        .insert_campaign(&campaign("r"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    // Three batches (padded to four rows with a repeat of the first), then a redelivered
+    // batch with other counts beside a new one: the first record of a batch stands.
+    store
+        .record_batches(&[
+            record(id, 0, 0, 100),
+            record(id, 0, 1, 90),
+            record(id, 1, 0, 80),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_batches(&[record(id, 0, 1, 0), record(id, 2, 0, 70)])
+        .await
+        .unwrap();
+    store.record_batches(&[]).await.unwrap();
+    let p = store.progress(id).await.unwrap();
+    assert_eq!(p.batches_done, 4);
+    assert_eq!(p.sent, 100 + 90 + 80 + 70);
+    assert_eq!(p.skipped, 10 + 20 + 30);
+}
+
 #[tokio::test]
 async fn batch_insert_on_sqlite() {
     let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
         .await
         .unwrap();
     batch_insert_on(db).await;
+}
+
+#[tokio::test]
+async fn batch_records_on_sqlite() {
+    let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
+        .await
+        .unwrap();
+    batch_records_on(db).await;
+}
+
+#[tokio::test]
+async fn batch_records_on_postgres() {
+    let env = TestEnv::new("storerecords").await.unwrap();
+    batch_records_on(env.db.clone()).await;
+    env.cleanup().await.unwrap();
 }
 
 #[tokio::test]

@@ -74,6 +74,9 @@ struct Args {
     /// (api.own_thread = false), to compare.
     #[arg(long)]
     api_shared_runtime: bool,
+    /// How often each campaign supervisor checks progress (pipeline.progress_interval_ms).
+    #[arg(long, default_value_t = 250)]
+    progress_ms: u64,
     /// Skip the baseline scenarios.
     #[arg(long)]
     skip_baseline: bool,
@@ -127,7 +130,7 @@ fn bench_config(env: &TestEnv, args: &Args) -> Config {
     c.pipeline.shard.ack_wait_secs = 30;
     c.pipeline.send_concurrency = args.send_concurrency;
     c.pipeline.claim_ttl_secs = 60;
-    c.pipeline.progress_interval_ms = 250;
+    c.pipeline.progress_interval_ms = args.progress_ms;
     c.database.max_connections = 16;
     if let Some(n) = args.api_db_connections {
         c.api.db_connections = n;
