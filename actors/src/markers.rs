@@ -119,6 +119,8 @@ end
 // then the users packed (see HELPERS). Per range, one BITFIELD_RO reads the
 // users' bits, one HMGET their claims and one HSET takes the free ones: the script is atomic,
 // so this is the same as a GETBIT and an HSETNX per user, at a fraction of Redis's CPU.
+// Returns one character per user, in order: '0' done, '1' claimed, '2' busy (one string
+// rather than a reply element per user).
 const CLAIM: &str = r#"
 local token, ttl, n, packed = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
 local t = redis.call('TIME')
@@ -132,7 +134,7 @@ for k = 1, #KEYS / 2 do
   local fi, fo = {}, {}
   for j = 1, #ko do
     if bits[j] == 1 then
-      out[ki[j]] = 0
+      out[ki[j]] = '0'
     else
       fi[#fi + 1] = ki[j]
       fo[#fo + 1] = ko[j]
@@ -147,17 +149,17 @@ for k = 1, #KEYS / 2 do
       free = string.sub(c, 1, sep - 1) == token or tonumber(string.sub(c, sep + 1)) <= now
     end
     if free then
-      out[fi[j]] = 1
+      out[fi[j]] = '1'
       take[#take + 1] = fo[j]
       take[#take + 1] = mine
     else
-      out[fi[j]] = 2
+      out[fi[j]] = '2'
     end
   end
   chunked('HSET', claims, take, 2000)
   redis.call('EXPIRE', claims, ARGV[4])
 end
-return out
+return table.concat(out)
 "#;
 
 // KEYS: per id range, its claims hash then its bitmap; last, the progress hash.
@@ -374,15 +376,26 @@ impl Markers {
             self.marker_ttl.as_secs().max(1).to_string().into(),
             pairs,
         ];
-        let states: Vec<i64> = self
+        let reply: Value = self
             .claim
             .evalsha_with_reload(&self.client, keys, args)
             .await?;
+        let states = reply.as_bytes().unwrap_or_default();
+        if states.len() != users.len() {
+            return Err(MarkerError(fred::error::Error::new(
+                fred::error::ErrorKind::Unknown,
+                format!(
+                    "claim answered {} states for {} users",
+                    states.len(),
+                    users.len()
+                ),
+            )));
+        }
         Ok(states
-            .into_iter()
+            .iter()
             .map(|s| match s {
-                0 => ClaimState::Done,
-                1 => ClaimState::Claimed,
+                b'0' => ClaimState::Done,
+                b'1' => ClaimState::Claimed,
                 _ => ClaimState::Busy,
             })
             .collect())
