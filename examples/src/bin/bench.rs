@@ -297,6 +297,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         let cpu = proc::CpuSnapshot::since(&cpu0);
         engine.shutdown().await?;
+        let cpu1 = proc::CpuSnapshot::now();
         let floor = create_latency::floor(
             &env.nats,
             &env.config.nats.url,
@@ -305,6 +306,7 @@ async fn main() -> anyhow::Result<()> {
             args.requests_each,
         )
         .await?;
+        let floor_cpu = proc::CpuSnapshot::since(&cpu1);
         for (label, l) in [("create latency", &lat), ("floor: no-op reply", &floor)] {
             println!(
                 "{label:<20} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requesters x {})",
@@ -318,6 +320,10 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "cpu µs per create (requesters in the engine's process): {}",
             cpu.micros_per(lat.0.len() as f64)
+        );
+        println!(
+            "cpu µs per no-op request (the same requesters):          {}",
+            floor_cpu.micros_per(floor.0.len() as f64)
         );
         env.cleanup().await?;
         return Ok(());
