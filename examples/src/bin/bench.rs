@@ -196,6 +196,18 @@ async fn push(
     })
 }
 
+/// The create-latency requesters against a no-op responder: the request/reply floor.
+async fn floor(env: &TestEnv, args: &Args) -> anyhow::Result<create_latency::Latencies> {
+    create_latency::floor(
+        &env.nats,
+        &env.config.nats.url,
+        &env.prefix,
+        args.requesters,
+        args.requests_each,
+    )
+    .await
+}
+
 /// The logins scenario in an environment of its own (database, streams, Redis keys).
 async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
     let env = TestEnv::new("logins").await?;
@@ -298,14 +310,7 @@ async fn main() -> anyhow::Result<()> {
         let cpu = proc::CpuSnapshot::since(&cpu0);
         engine.shutdown().await?;
         let cpu1 = proc::CpuSnapshot::now();
-        let floor = create_latency::floor(
-            &env.nats,
-            &env.config.nats.url,
-            &env.prefix,
-            args.requesters,
-            args.requests_each,
-        )
-        .await?;
+        let floor = floor(&env, &args).await?;
         let floor_cpu = proc::CpuSnapshot::since(&cpu1);
         for (label, l) in [("create latency", &lat), ("floor: no-op reply", &floor)] {
             println!(
@@ -392,14 +397,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     engine.shutdown().await?;
-    let lat_floor = create_latency::floor(
-        &env.nats,
-        &env.config.nats.url,
-        &env.prefix,
-        args.requesters,
-        args.requests_each,
-    )
-    .await?;
+    let lat_floor = floor(&env, &args).await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
