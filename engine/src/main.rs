@@ -64,7 +64,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum UsersCommand {
-    /// Append N users to membership_account (with membership_point and membership_filter).
+    /// Append N users to membership_account (with membership_point and membership_filter),
+    /// then refresh the tables' statistics (ANALYZE).
     Seed {
         /// How many users to add.
         #[arg(long)]

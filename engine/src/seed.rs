@@ -69,6 +69,18 @@ pub async fn seed_users(db: &DatabaseConnection, count: i64) -> Result<SeedRepor
         ))
         .await?;
     }
+    if count > 0 {
+        // Fresh statistics after a bulk load: without them PostgreSQL plans a segment's
+        // bounds query as a hash join over every user (0.3 s at 1M users) instead of an
+        // index lookup (0.05 ms), until autovacuum gets to the tables.
+        let analyze = match backend {
+            DbBackend::Postgres => {
+                "ANALYZE membership_account, membership_point, membership_filter"
+            }
+            _ => "ANALYZE",
+        };
+        db.execute(Statement::from_string(backend, analyze)).await?;
+    }
     Ok(SeedReport {
         first_id: first,
         last_id: last,

@@ -158,3 +158,31 @@ async fn batch_insert_on_postgres() {
     batch_insert_on(env.db.clone()).await;
     env.cleanup().await.unwrap();
 }
+
+// After a bulk load the planner needs statistics: without them a segment's bounds query
+// scans every user. Seeding refreshes them (pg_class.reltuples is -1 until the first
+// ANALYZE or VACUUM).
+#[tokio::test]
+async fn seeding_users_leaves_fresh_statistics() {
+    let env = TestEnv::new("seedstats").await.unwrap();
+    env.seed(3_000).await.unwrap();
+    #[derive(FromQueryResult)]
+    struct T {
+        relname: String,
+        reltuples: f64,
+    }
+    let tables = T::find_by_statement(Statement::from_string(
+        env.db.get_database_backend(),
+        "SELECT relname::text AS relname, reltuples::float8 AS reltuples FROM pg_class \
+         WHERE relname IN ('membership_account', 'membership_point', 'membership_filter')"
+            .to_string(),
+    ))
+    .all(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(tables.len(), 3);
+    for t in tables {
+        assert_eq!(t.reltuples, 3_000.0, "{} has no fresh statistics", t.relname);
+    }
+    env.cleanup().await.unwrap();
+}

@@ -86,6 +86,9 @@ struct Args {
     /// With --only-create: measure on an API-only node (no fan-out).
     #[arg(long)]
     api_only: bool,
+    /// With --only-create: seed this many users first (the database's size, without a push).
+    #[arg(long, default_value_t = 0)]
+    seed_users: i64,
     /// Login events in the logins scenario.
     #[arg(long, default_value_t = 400_000)]
     logins: usize,
@@ -295,6 +298,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let env = TestEnv::new("bench").await?;
     if args.only_create {
+        if args.seed_users > 0 {
+            env.seed(args.seed_users).await?;
+        }
         let mut config = bench_config(&env, &args);
         config.node.run_pipeline = !args.api_only;
         let engine = Engine::builder(config).start().await?;
