@@ -29,6 +29,9 @@ pub struct Engine {
     root: Option<(ActorRef<RootMsg>, JoinHandle<()>)>,
     api: Option<JoinHandle<()>>,
     stop: CancellationToken,
+    /// An engine dropped without `shutdown` still stops its API, whose thread would
+    /// otherwise keep answering.
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// Builds an [`Engine`] from a [`Config`], with providers from the config unless set here.
@@ -212,6 +215,7 @@ impl Engine {
             shared,
             root,
             api,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
         })
     }

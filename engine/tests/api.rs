@@ -318,3 +318,35 @@ async fn the_api_answers_while_the_engines_runtime_is_busy() {
     }
     env.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_dropped_without_shutdown_stops_answering() {
+    let env = TestEnv::new("apidrop").await.unwrap();
+    let mut config = env.config.clone();
+    config.node.run_pipeline = false;
+    let engine = Engine::start(config).await.unwrap();
+    let create = env.subjects().api_campaign_create();
+    let (reply, _) = raw(
+        &env,
+        create.clone(),
+        serde_json::to_vec(&good()).unwrap(),
+        false,
+    )
+    .await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    drop(engine);
+    // The API's own thread drains and closes its connection: requests then find nobody.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = env.nats.request(create.clone(), "{}".into()).await;
+        if matches!(&r, Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped engine still answers: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.cleanup().await.unwrap();
+}

@@ -182,7 +182,11 @@ async fn seeding_users_leaves_fresh_statistics() {
     .unwrap();
     assert_eq!(tables.len(), 3);
     for t in tables {
-        assert_eq!(t.reltuples, 3_000.0, "{} has no fresh statistics", t.relname);
+        assert_eq!(
+            t.reltuples, 3_000.0,
+            "{} has no fresh statistics",
+            t.relname
+        );
     }
     env.cleanup().await.unwrap();
 }
