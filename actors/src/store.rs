@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, FromQueryResult, Statement, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement, Value,
+};
 
 /// A campaign row, as the pipeline needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -433,22 +435,38 @@ impl Store {
         end: i64,
     ) -> Result<Vec<i64>, DbErr> {
         #[derive(FromQueryResult)]
-        struct Id {
-            id: i64,
+        struct Ids {
+            ids: Option<String>,
         }
+        // One row holding the bucket's ids as text rather than a row per user: decoding a
+        // thousand rows was most of the expander's cost, here and in the database.
         let (joins, conds, mut extra) = audience_sql(audience, 4);
+        let agg = match self.db.get_database_backend() {
+            DbBackend::Postgres => "string_agg(a.id::text, ',' ORDER BY a.id)",
+            _ => "group_concat(a.id, ',')",
+        };
         let sql = format!(
-            "SELECT a.id AS id FROM membership_account a{joins} \
-             WHERE a.id >= $1 AND a.id < $2 AND a.is_deleted = $3{conds} ORDER BY a.id"
+            "SELECT {agg} AS ids FROM membership_account a{joins} \
+             WHERE a.id >= $1 AND a.id < $2 AND a.is_deleted = $3{conds}"
         );
         let mut values = vec![start.into(), end.into(), false.into()];
         values.append(&mut extra);
-        Ok(Id::find_by_statement(stmt(&self.db, &sql, values))
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|r| r.id)
-            .collect())
+        let row = Ids::find_by_statement(stmt(&self.db, &sql, values))
+            .one(&self.db)
+            .await?;
+        let Some(text) = row.and_then(|r| r.ids) else {
+            return Ok(Vec::new());
+        };
+        let mut ids = text
+            .split(',')
+            .map(|id| {
+                id.parse::<i64>()
+                    .map_err(|e| DbErr::Custom(format!("bucket user id {id:?}: {e}")))
+            })
+            .collect::<Result<Vec<i64>, DbErr>>()?;
+        // Already in order on PostgreSQL; SQLite does not promise group_concat's order.
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Records that a bucket was expanded into `parts` push batches.

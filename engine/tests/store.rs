@@ -1,12 +1,12 @@
 //! The campaign store's batch inserts, on SQLite and PostgreSQL: one statement for many
 //! creates, repeats within the batch and within the window recognised, padding rows never
 //! inserted; and finished push batches recorded many per statement, a batch recorded before
-//! left as it was.
+//! left as it was; a bucket's users read as one aggregated row, in order, on both.
 
 use chrono::{Duration as Span, Utc};
 use herald_engine::{
     actors::store::{BatchRecord, CampaignInsert, NewCampaign, Store},
-    schemas::{Audience, InformType},
+    schemas::{Audience, InformType, SegmentFilter},
     testkit::TestEnv,
 };
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement};
@@ -188,5 +188,68 @@ async fn seeding_users_leaves_fresh_statistics() {
             t.relname
         );
     }
+    env.cleanup().await.unwrap();
+}
+
+async fn bucket_users_on(db: DatabaseConnection) {
+    herald_engine::engine::migrate(&db).await.unwrap();
+    herald_engine::seed::seed_users(&db, 2_500).await.unwrap();
+    let store = Store::new(db.clone());
+    let all = store
+        .bucket_users(&Audience::All, 1_000, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(all, (1_000..2_000).collect::<Vec<i64>>());
+    assert!(store
+        .bucket_users(&Audience::All, 5_000, 6_000)
+        .await
+        .unwrap()
+        .is_empty());
+    // A segment: the same users an SQL query of it returns, in id order.
+    let segment = Audience::Segment(SegmentFilter {
+        member_levels: None,
+        min_points: Some(5_000),
+        min_active_days: None,
+    });
+    #[derive(FromQueryResult)]
+    struct Id {
+        id: i64,
+    }
+    let expected: Vec<i64> = Id::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT a.id AS id FROM membership_account a JOIN membership_point p \
+         ON p.account_id = a.id WHERE a.id >= 1 AND a.id < 2501 AND p.member_point >= 5000 \
+         ORDER BY a.id"
+            .to_string(),
+    ))
+    .all(&db)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| r.id)
+    .collect();
+    assert!(
+        !expected.is_empty() && expected.len() < 2_500,
+        "{}",
+        expected.len()
+    );
+    assert_eq!(
+        store.bucket_users(&segment, 1, 2_501).await.unwrap(),
+        expected
+    );
+}
+
+#[tokio::test]
+async fn bucket_users_on_sqlite() {
+    let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
+        .await
+        .unwrap();
+    bucket_users_on(db).await;
+}
+
+#[tokio::test]
+async fn bucket_users_on_postgres() {
+    let env = TestEnv::new("storebucket").await.unwrap();
+    bucket_users_on(env.db.clone()).await;
     env.cleanup().await.unwrap();
 }
