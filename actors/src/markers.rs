@@ -6,9 +6,9 @@
 //! claim past its deadline is free again. (A hash field rather than a key with a TTL per user:
 //! it spares Redis's single thread the key-space and expiry churn, its bottleneck here.)
 //! Claim and confirm run as Lua scripts over a whole batch: one round trip per hundred users,
-//! atomic for the batch, and a few Redis commands per id range rather than two per user (Lua's
-//! `redis.call` per user was most of Redis's CPU per pushed user). A token match counts as our own claim, so a command fred re-sends after a
-//! reconnect is harmless.
+//! atomic for the batch, and a few Redis commands per id range rather than two per user. A
+//! token match counts as our own claim, so a command fred re-sends after a reconnect is
+//! harmless.
 //!
 //! Per batch, a hash field accumulates how many users this batch confirmed as sent or failed
 //! across its deliveries, so the counters stay exact when a batch is retried.

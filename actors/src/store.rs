@@ -195,6 +195,40 @@ pub(crate) fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> St
     Statement::from_sql_and_values(db.get_database_backend(), sql, values)
 }
 
+/// The insert of finished push batches, or None for none; a batch recorded before is left
+/// as it is. Padded to a power of two with repeats of the first row (ON CONFLICT DO NOTHING
+/// skips them), so the statement takes few shapes and each connection plans it once.
+pub(crate) fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) -> Option<Statement> {
+    let first = batches.first()?;
+    let rows = batches.len().next_power_of_two();
+    let mut sql = String::from(
+        "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
+         failed, done_at) VALUES ",
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(rows * 8);
+    for i in 0..rows {
+        let b = batches.get(i).unwrap_or(first);
+        let n = values.len();
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let row: Vec<String> = (n + 1..=n + 8).map(|k| format!("${k}")).collect();
+        sql.push_str(&format!("({})", row.join(", ")));
+        values.extend([
+            b.campaign_id.into(),
+            b.bucket.into(),
+            b.part.into(),
+            b.recipients.into(),
+            b.sent.into(),
+            b.skipped.into(),
+            b.failed.into(),
+            b.done_at.into(),
+        ]);
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    Some(Statement::from_sql_and_values(backend, sql, values))
+}
+
 impl Store {
     /// A store over `db`.
     pub fn new(db: DatabaseConnection) -> Self {
@@ -498,47 +532,9 @@ impl Store {
     /// Records finished push batches, one multi-row insert; a batch recorded before is left
     /// as it is.
     pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<(), DbErr> {
-        let Some(first) = batches.first() else {
-            return Ok(());
-        };
-        // Padded to a power of two with repeats of the first row (ON CONFLICT DO NOTHING
-        // skips them), so the statement takes few shapes and each connection plans it once.
-        let rows = batches.len().next_power_of_two();
-        let mut sql = String::from(
-            "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
-             failed, done_at) VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(rows * 8);
-        for i in 0..rows {
-            let b = batches.get(i).unwrap_or(first);
-            let n = values.len();
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                n + 1,
-                n + 2,
-                n + 3,
-                n + 4,
-                n + 5,
-                n + 6,
-                n + 7,
-                n + 8
-            ));
-            values.extend([
-                b.campaign_id.into(),
-                b.bucket.into(),
-                b.part.into(),
-                b.recipients.into(),
-                b.sent.into(),
-                b.skipped.into(),
-                b.failed.into(),
-                b.done_at.into(),
-            ]);
+        if let Some(insert) = batch_records_stmt(self.db.get_database_backend(), batches) {
+            self.db.execute(insert).await?;
         }
-        sql.push_str(" ON CONFLICT DO NOTHING");
-        self.db.execute(stmt(&self.db, &sql, values)).await?;
         Ok(())
     }
 

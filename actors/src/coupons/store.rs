@@ -16,7 +16,7 @@ use sea_orm::{
     TransactionTrait, Value,
 };
 
-use crate::store::{audience_sql, stmt, Store};
+use crate::store::{audience_sql, batch_records_stmt, stmt, BatchRecord, Store};
 
 /// Pairs per insert statement (two placeholders each).
 const INSERT_CHUNK: usize = 500;
@@ -553,21 +553,18 @@ async fn record(
         return Ok(());
     };
     let sent = issued as i32;
-    txn.execute(tx_stmt(
-        txn.get_database_backend(),
-        "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
-         failed, done_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-        vec![
-            b.campaign_id.into(),
-            b.bucket.into(),
-            b.part.into(),
-            recipients.into(),
-            sent.into(),
-            (recipients - sent).max(0).into(),
-            0i32.into(),
-            now.into(),
-        ],
-    ))
-    .await?;
+    let done = BatchRecord {
+        campaign_id: b.campaign_id,
+        bucket: b.bucket,
+        part: b.part,
+        recipients,
+        sent,
+        skipped: (recipients - sent).max(0),
+        failed: 0,
+        done_at: now,
+    };
+    if let Some(insert) = batch_records_stmt(txn.get_database_backend(), &[done]) {
+        txn.execute(insert).await?;
+    }
     Ok(())
 }

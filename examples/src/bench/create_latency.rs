@@ -21,6 +21,23 @@ impl Latencies {
         let i = ((self.0.len() - 1) as f64 * q).round() as usize;
         self.0[i]
     }
+
+    /// `p50 … ms  p99 … ms  max … ms`.
+    pub fn summary(&self) -> String {
+        let ms = |q: f64| self.quantile(q).as_secs_f64() * 1e3;
+        format!(
+            "p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            ms(0.5),
+            ms(0.99),
+            ms(1.0)
+        )
+    }
+
+    /// The same as JSON, with the request count.
+    pub fn json(&self) -> serde_json::Value {
+        let ms = |q: f64| self.quantile(q).as_secs_f64() * 1e3;
+        serde_json::json!({"p50": ms(0.5), "p99": ms(0.99), "requests": self.0.len()})
+    }
 }
 
 /// Runs the requesters; `tag` goes into every campaign name, so two runs in one process

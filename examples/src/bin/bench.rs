@@ -320,10 +320,8 @@ async fn main() -> anyhow::Result<()> {
         let floor_cpu = proc::CpuSnapshot::since(&cpu1);
         for (label, l) in [("create latency", &lat), ("floor: no-op reply", &floor)] {
             println!(
-                "{label:<20} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requesters x {})",
-                l.quantile(0.5).as_secs_f64() * 1e3,
-                l.quantile(0.99).as_secs_f64() * 1e3,
-                l.quantile(1.0).as_secs_f64() * 1e3,
+                "{label:<20} {}  ({} requesters x {})",
+                l.summary(),
                 args.requesters,
                 args.requests_each
             );
@@ -481,30 +479,13 @@ async fn main() -> anyhow::Result<()> {
             "zero_cpu_seconds_by_process": b0.cpu.json(),
         });
     }
-    println!(
-        "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
-        "create latency",
-        lat.quantile(0.5).as_secs_f64() * 1e3,
-        lat.quantile(0.99).as_secs_f64() * 1e3,
-        lat.quantile(1.0).as_secs_f64() * 1e3,
-        lat.0.len()
-    );
-    println!(
-        "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
-        "create latency, API-only node",
-        lat_api.quantile(0.5).as_secs_f64() * 1e3,
-        lat_api.quantile(0.99).as_secs_f64() * 1e3,
-        lat_api.quantile(1.0).as_secs_f64() * 1e3,
-        lat_api.0.len()
-    );
-    println!(
-        "{:<34} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} requests)",
-        "floor: request/reply, no-op reply",
-        lat_floor.quantile(0.5).as_secs_f64() * 1e3,
-        lat_floor.quantile(0.99).as_secs_f64() * 1e3,
-        lat_floor.quantile(1.0).as_secs_f64() * 1e3,
-        lat_floor.0.len()
-    );
+    for (label, l) in [
+        ("create latency", &lat),
+        ("create latency, API-only node", &lat_api),
+        ("floor: request/reply, no-op reply", &lat_floor),
+    ] {
+        println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
+    }
     println!(
         "{:<34} {:>10.1} {:>12.0}   ({} msgs of {} B, {:.0} msgs/s)",
         "ceiling: raw JetStream pub+sub",
@@ -523,9 +504,9 @@ async fn main() -> anyhow::Result<()> {
         "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": rate(slow.seconds, slow.sent as f64), "cpu_seconds": slow.cpu.engine, "cpu_seconds_by_process": slow.cpu.json(), "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
         "push_zero": {"seconds": fast.seconds, "users_per_s": rate(fast.seconds, fast.sent as f64), "cpu_seconds": fast.cpu.engine, "cpu_seconds_by_process": fast.cpu.json(), "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
         "baseline": json_baseline,
-        "create_latency_ms": {"p50": lat.quantile(0.5).as_secs_f64() * 1e3, "p99": lat.quantile(0.99).as_secs_f64() * 1e3, "requests": lat.0.len()},
-        "create_latency_api_only_ms": {"p50": lat_api.quantile(0.5).as_secs_f64() * 1e3, "p99": lat_api.quantile(0.99).as_secs_f64() * 1e3, "requests": lat_api.0.len()},
-        "request_reply_floor_ms": {"p50": lat_floor.quantile(0.5).as_secs_f64() * 1e3, "p99": lat_floor.quantile(0.99).as_secs_f64() * 1e3, "requests": lat_floor.0.len()},
+        "create_latency_ms": lat.json(),
+        "create_latency_api_only_ms": lat_api.json(),
+        "request_reply_floor_ms": lat_floor.json(),
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
         "logins": login.as_ref().map(|r| r.json()),
     });
