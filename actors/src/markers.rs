@@ -1,14 +1,20 @@
 //! Idempotency markers in Redis: per (campaign, user), claim before a send and confirm after.
 //!
 //! A confirmed user is one bit in a bitmap per campaign and id range (2^20 ids per key), so a
-//! 10M-user campaign costs about 1.25 MB, not 10M keys. A claim is a field of a hash per id
-//! range holding the claimer's token and a deadline; only users in flight have one, and a
-//! claim past its deadline is free again. (A hash field rather than a key with a TTL per user:
-//! it spares Redis's single thread the key-space and expiry churn, its bottleneck here.)
-//! Claim and confirm run as Lua scripts over a whole batch: one round trip per hundred users,
-//! atomic for the batch, and a few Redis commands per id range rather than two per user. A
-//! token match counts as our own claim, so a command fred re-sends after a reconnect is
-//! harmless.
+//! 10M-user campaign costs about 1.25 MB, not 10M keys.
+//!
+//! A claim is a lease on a block of 32 consecutive ids: a field of a hash per id range holding
+//! the claimer's token and a deadline. Only blocks in flight have one, and a lease past its
+//! deadline is free again. Two batches that share a user share that user's block, so they
+//! cannot both hold it: a user is claimed by one batch at a time, whatever the batches hold.
+//! The expander cuts batches at block boundaries, so batches of one campaign do not contend.
+//!
+//! Claim and confirm run as Lua scripts over a whole batch, one round trip per batch and
+//! atomic for it. They read and write the bitmap a span of bytes at a time (GETRANGE,
+//! SETRANGE), and lease a field per block rather than per user: per batch of a dense
+//! audience, a handful of Redis commands, and no Lua work per user (that was most of Redis's
+//! time per user). A token match counts as our own lease, so a command fred re-sends after a
+//! reconnect is harmless.
 //!
 //! Per batch, a hash field accumulates how many users this batch confirmed as sent or failed
 //! across its deliveries, so the counters stay exact when a batch is retried.
@@ -16,6 +22,8 @@
 //! Redis is not the record: if it loses its data, users whose batch was still in flight may
 //! be sent again (the provider's Idempotency-Key is the last guard); completed batches are
 //! acked and never come back.
+
+mod layout;
 
 use std::time::Duration;
 
@@ -25,9 +33,7 @@ use fred::{
     prelude::{Builder, Config, ReconnectPolicy},
     types::{scripts::Script, Value},
 };
-
-/// Bits per bitmap key.
-const CHUNK_BITS: u32 = 20;
+use layout::{bit_is_set, chunk, offset, Layout, BLOCK_BITS, CHUNK_BITS};
 
 /// Names a campaign in Redis keys: its id and its epoch (creation time in ms), so markers of
 /// an older campaign with the same id (a recreated database) never apply to a new one.
@@ -58,7 +64,7 @@ pub enum ClaimState {
     Done,
     /// Claimed by us: send.
     Claimed,
-    /// Claimed by another worker that is sending now: come back later.
+    /// Its block is leased by another worker that is sending now: come back later.
     Busy,
 }
 
@@ -67,32 +73,54 @@ pub enum ClaimState {
 #[error("redis: {0}")]
 pub struct MarkerError(#[from] fred::error::Error);
 
-// Shared by the scripts below: `group` sorts a batch's packed users into their id ranges, and
-// `chunked` runs one command over many arguments in slices (Lua's unpack is bounded), so a
-// batch costs a few Redis commands per id range instead of two per user.
-//
-// The users come packed in one binary argument: per user its range index (1-based, u16 little
-// endian), then its offset in the range as decimal digits after a length byte. One argument
-// instead of two strings per user, because formatting and framing those strings was the
-// engine's largest cost in a profile; decimal digits rather than a binary number, because
-// turning a Lua number into a string (tostring, or a number passed to redis.call) costs
-// about 0.2 µs in Redis's Lua, which was most of a script's cost, while the digits serve as
-// they are as a BITFIELD offset and a hash field.
+impl MarkerError {
+    fn other(message: String) -> Self {
+        Self(fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            message,
+        ))
+    }
+}
+
+/// Ids per lease block (see the module doc).
+pub const BLOCK_IDS: i64 = 1 << BLOCK_BITS;
+
+/// The lease block of a user: batches that keep blocks whole never contend for a lease.
+pub fn block_of(user: i64) -> i64 {
+    user >> BLOCK_BITS
+}
+
+// Shared by the scripts below. `spans` unpacks the spans a call touches (format in
+// layout.rs); `read` returns a span's bitmap bytes, zero-padded where the bitmap is shorter;
+// `fields` lists the hash fields (block numbers) of a span's leased blocks; `chunked` runs
+// one command over many arguments in slices (Lua's unpack is bounded); `drop_own` deletes
+// the leases among `fields` that `token` holds.
 const HELPERS: &str = r#"
-local function group(packed, n, ranges)
-  local idx, offs, len = {}, {}, {}
-  for k = 1, ranges do idx[k] = {}; offs[k] = {}; len[k] = 0 end
-  local pos = 1
-  for i = 1, n do
-    local lo, hi, digits = string.byte(packed, pos, pos + 2)
-    local k = lo + 256 * hi
-    local j = len[k] + 1
-    len[k] = j
-    idx[k][j] = i
-    offs[k][j] = string.sub(packed, pos + 3, pos + 2 + digits)
-    pos = pos + 3 + digits
+local function spans(packed, count)
+  local out, pos = {}, 1
+  for i = 1, count do
+    local r1, r2, n1, n2, has, len = string.byte(packed, pos, pos + 5)
+    local n = n1 + 256 * n2
+    local s = {range = r1 + 256 * r2, n = n, has = has == 1}
+    s.first = tonumber(string.sub(packed, pos + 6, pos + 5 + len))
+    pos = pos + 6 + len
+    s.flags = string.sub(packed, pos, pos + n - 1)
+    s.bits = string.sub(packed, pos + n, pos + 5 * n - 1)
+    pos = pos + 5 * n
+    out[i] = s
   end
-  return idx, offs
+  return out
+end
+local function read(bitmap, s)
+  local size = 4 * s.n
+  local b = redis.call('GETRANGE', bitmap, s.first * 4, s.first * 4 + size - 1)
+  if #b < size then b = b .. string.rep('\0', size - #b) end
+  return b
+end
+local function fields(s, out)
+  for j = 1, s.n do
+    if string.byte(s.flags, j) == 49 then out[#out + 1] = tostring(s.first + j - 1) end
+  end
 end
 local function chunked(cmd, key, args, step)
   local res = {}
@@ -104,111 +132,141 @@ local function chunked(cmd, key, args, step)
   end
   return res
 end
-local function bit_ops(op, offs, value)
-  local ops = {}
-  for j = 1, #offs do
-    local b = #ops
-    ops[b + 1] = op; ops[b + 2] = 'u1'; ops[b + 3] = offs[j]
-    if value then ops[b + 4] = value end
+local function drop_own(claims, token, list)
+  if #list == 0 then return end
+  local cur = chunked('HMGET', claims, list, 1000)
+  local mine = {}
+  for j = 1, #list do
+    local c = cur[j]
+    if c and string.sub(c, 1, string.find(c, '|', 1, true) - 1) == token then
+      mine[#mine + 1] = list[j]
+    end
   end
-  return ops
+  chunked('HDEL', claims, mine, 1000)
+end
+local function each_range(list, f)
+  local i = 1
+  while i <= #list do
+    local j = i
+    while j + 1 <= #list and list[j + 1].range == list[i].range do j = j + 1 end
+    f(list[i].range, i, j)
+    i = j + 1
+  end
 end
 "#;
 
-// KEYS: per id range, its claims hash then its bitmap. ARGV: token, ttl ms, n, marker ttl s,
-// then the users packed (see HELPERS). Per range, one BITFIELD_RO reads the
-// users' bits, one HMGET their claims and one HSET takes the free ones: the script is atomic,
-// so this is the same as a GETBIT and an HSETNX per user, at a fraction of Redis's CPU.
-// Returns one character per user, in order: '0' done, '1' claimed, '2' busy (one string
-// rather than a reply element per user).
+// KEYS: per id range, its claims hash then its bitmap. ARGV: token, ttl ms, span count,
+// marker ttl s, the spans packed (the users' own bits set in them). Per span, one GETRANGE
+// reads the bits; a block whose users are all done is not leased; per range, one HMGET reads
+// the other blocks' leases and one HSET takes the free ones (free: none, ours, or past its
+// deadline). Returns one character per flagged block in packed order ('0' all done, '1' ours
+// now, '2' held by another), then the spans' bytes end to end; the caller reads each user's
+// bit from those.
 const CLAIM: &str = r#"
-local token, ttl, n, packed = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
+local token, ttl, count = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mine = token .. '|' .. (now + ttl)
-local idx, offs = group(packed, n, #KEYS / 2)
-local out = {}
-for k = 1, #KEYS / 2 do
-  local claims, bitmap, ki, ko = KEYS[2 * k - 1], KEYS[2 * k], idx[k], offs[k]
-  local bits = chunked('BITFIELD_RO', bitmap, bit_ops('GET', ko), 1500)
-  local fi, fo = {}, {}
-  for j = 1, #ko do
-    if bits[j] == 1 then
-      out[ki[j]] = '0'
-    else
-      fi[#fi + 1] = ki[j]
-      fo[#fo + 1] = ko[j]
+local list = spans(ARGV[5], count)
+local status, bytes = {}, {}
+each_range(list, function(k, i, j)
+  local claims, bitmap, want, slot = KEYS[2 * k - 1], KEYS[2 * k], {}, {}
+  for x = i, j do
+    local s = list[x]
+    local b = read(bitmap, s)
+    bytes[#bytes + 1] = b
+    for q = 1, s.n do
+      if string.byte(s.flags, q) == 49 then
+        local open = false
+        for y = 4 * q - 3, 4 * q do
+          local m = string.byte(s.bits, y)
+          if m ~= 0 and bit.band(string.byte(b, y), m) ~= m then open = true end
+        end
+        status[#status + 1] = '0'
+        if open then
+          want[#want + 1] = tostring(s.first + q - 1)
+          slot[#slot + 1] = #status
+        end
+      end
     end
   end
-  local cur = chunked('HMGET', claims, fo, 1000)
+  local cur = chunked('HMGET', claims, want, 1000)
   local take = {}
-  for j = 1, #fo do
-    local c, free = cur[j], true
+  for f = 1, #want do
+    local c, free = cur[f], true
     if c then
       local sep = string.find(c, '|', 1, true)
       free = string.sub(c, 1, sep - 1) == token or tonumber(string.sub(c, sep + 1)) <= now
     end
     if free then
-      out[fi[j]] = '1'
-      take[#take + 1] = fo[j]
+      status[slot[f]] = '1'
+      take[#take + 1] = want[f]
       take[#take + 1] = mine
     else
-      out[fi[j]] = '2'
+      status[slot[f]] = '2'
     end
   end
-  chunked('HSET', claims, take, 2000)
-  redis.call('EXPIRE', claims, ARGV[4])
-end
-return table.concat(out)
+  if #take > 0 then
+    chunked('HSET', claims, take, 2000)
+    redis.call('EXPIRE', claims, ARGV[4])
+  end
+end)
+return table.concat(status) .. table.concat(bytes)
 "#;
 
 // KEYS: per id range, its claims hash then its bitmap; last, the progress hash.
-// ARGV: n, progress field, marker ttl s, the users packed as for CLAIM, and the progress
-// field of the other kind. Returns both running totals, this kind's first, so a batch with
-// no failures needs no second call to learn its failed total.
-// The claim is dropped whoever holds it: once the bit is set nobody may send again, and a
-// holder that is sending right now claimed before this confirm, so it would send anyway.
-// Per range, one BITFIELD sets the bits (its old values count the new ones) and one HDEL
-// drops the claims.
+// ARGV: span count, progress field, marker ttl s, the spans packed, the progress field of
+// the other kind, and a token ('' for none). Per span with bits, one GETRANGE, the bits
+// ORed in, one SETRANGE and two BITCOUNTs to count the users newly settled; then the
+// token's leases on the flagged blocks are dropped (a lease held by anyone else stays: that
+// holder may be sending now). Returns both running totals, this kind's first, so a batch
+// with no failures needs no second call to learn its failed total.
 const CONFIRM: &str = r#"
-local n, packed = tonumber(ARGV[1]), ARGV[4]
-local ranges = (#KEYS - 1) / 2
-local idx, offs = group(packed, n, ranges)
+local count, token = tonumber(ARGV[1]), ARGV[6]
+local list = spans(ARGV[4], count)
 local added = 0
-for k = 1, ranges do
-  local ko = offs[k]
-  local old = chunked('BITFIELD', KEYS[2 * k], bit_ops('SET', ko, 1), 2000)
-  for j = 1, #old do
-    if old[j] == 0 then
-      added = added + 1
+each_range(list, function(k, i, j)
+  local claims, bitmap, release = KEYS[2 * k - 1], KEYS[2 * k], {}
+  for x = i, j do
+    local s = list[x]
+    if s.has then
+      local old = read(bitmap, s)
+      local v, mask, changed = {string.byte(old, 1, -1)}, {string.byte(s.bits, 1, -1)}, false
+      for b = 1, #v do
+        local m = mask[b]
+        if m ~= 0 then
+          local n = bit.bor(v[b], m)
+          if n ~= v[b] then v[b] = n; changed = true end
+        end
+      end
+      if changed then
+        local from, to = s.first * 4, s.first * 4 + 4 * s.n - 1
+        local before = redis.call('BITCOUNT', bitmap, from, to)
+        redis.call('SETRANGE', bitmap, from, string.char(unpack(v)))
+        added = added + redis.call('BITCOUNT', bitmap, from, to) - before
+      end
     end
+    if token ~= '' then fields(s, release) end
   end
-  chunked('HDEL', KEYS[2 * k - 1], ko, 1000)
-  redis.call('EXPIRE', KEYS[2 * k], ARGV[3])
-end
+  redis.call('EXPIRE', bitmap, ARGV[3])
+  drop_own(claims, token, release)
+end)
 local total = redis.call('HINCRBY', KEYS[#KEYS], ARGV[2], added)
 local other = tonumber(redis.call('HGET', KEYS[#KEYS], ARGV[5])) or 0
 redis.call('EXPIRE', KEYS[#KEYS], ARGV[3])
 return {total, other}
 "#;
 
-// KEYS: per id range, its claims hash. ARGV: token, n, then the users packed as for CLAIM.
+// KEYS: per id range, its claims hash. ARGV: token, span count, then the spans packed.
 const RELEASE: &str = r#"
-local token, n, packed = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local idx, offs = group(packed, n, #KEYS)
-for k = 1, #KEYS do
-  local ko = offs[k]
-  local cur = chunked('HMGET', KEYS[k], ko, 1000)
-  local mine = {}
-  for j = 1, #ko do
-    local c = cur[j]
-    if c and string.sub(c, 1, string.find(c, '|', 1, true) - 1) == token then
-      mine[#mine + 1] = ko[j]
-    end
-  end
-  chunked('HDEL', KEYS[k], mine, 1000)
-end
-return n
+local token = ARGV[1]
+local list = spans(ARGV[3], tonumber(ARGV[2]))
+each_range(list, function(k, i, j)
+  local release = {}
+  for x = i, j do fields(list[x], release) end
+  drop_own(KEYS[k], token, release)
+end)
+return 0
 "#;
 
 /// Connects to Redis with explicit timeouts and a bounded reconnect policy.
@@ -277,6 +335,17 @@ pub struct Totals {
     pub failed: i64,
 }
 
+/// The leases a confirmation drops once it has set its bits: `token`'s, on the blocks of
+/// `users`.
+#[derive(Debug, Clone, Copy)]
+pub struct Release<'a> {
+    /// The delivery's token.
+    pub token: &'a str,
+    /// The users whose blocks to release (all of the batch's: blocks of done users are
+    /// leased too).
+    pub users: &'a [i64],
+}
+
 /// Which counter a confirmation adds to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
@@ -309,40 +378,12 @@ impl Markers {
         format!("{}:c:{campaign}:claims:{chunk}", self.prefix)
     }
 
-    fn bitmap_key(&self, campaign: CampaignRef, user: i64) -> String {
-        format!("{}:c:{campaign}:done:{}", self.prefix, user >> CHUNK_BITS)
-    }
-
-    fn offset(user: i64) -> i64 {
-        user & ((1 << CHUNK_BITS) - 1)
+    fn bitmap_key(&self, campaign: CampaignRef, chunk: i64) -> String {
+        format!("{}:c:{campaign}:done:{chunk}", self.prefix)
     }
 
     fn progress_key(&self, campaign: CampaignRef) -> String {
         format!("{}:c:{campaign}:progress", self.prefix)
-    }
-
-    /// The id ranges `users` fall in, and the users packed for the scripts (see `HELPERS`):
-    /// per user its range index from 1 (u16 little endian), a length byte and its offset in
-    /// the range in decimal digits.
-    fn ranges(users: &[i64]) -> (Vec<i64>, Value) {
-        let mut chunks: Vec<i64> = Vec::new();
-        let mut packed = Vec::with_capacity(users.len() * 10);
-        let mut digits = itoa::Buffer::new();
-        for u in users {
-            let chunk = u >> CHUNK_BITS;
-            let k = match chunks.iter().position(|c| *c == chunk) {
-                Some(i) => i + 1,
-                None => {
-                    chunks.push(chunk);
-                    chunks.len()
-                }
-            };
-            let offset = digits.format(Self::offset(*u));
-            packed.extend_from_slice(&(k as u16).to_le_bytes());
-            packed.push(offset.len() as u8);
-            packed.extend_from_slice(offset.as_bytes());
-        }
-        (chunks, Value::Bytes(packed.into()))
     }
 
     fn range_keys(&self, campaign: CampaignRef, chunks: &[i64], with_bitmaps: bool) -> Vec<String> {
@@ -350,13 +391,15 @@ impl Markers {
         for c in chunks {
             keys.push(self.claims_key(campaign, *c));
             if with_bitmaps {
-                keys.push(format!("{}:c:{campaign}:done:{c}", self.prefix));
+                keys.push(self.bitmap_key(campaign, *c));
             }
         }
         keys
     }
 
-    /// Claims `users` for the holder of `token`; one state per user, in order.
+    /// Claims `users` for the holder of `token`, leasing their blocks; one state per user, in
+    /// order. A user whose block another token holds is `Busy`, even when that holder's batch
+    /// does not list it. A block whose listed users are all done is not leased.
     pub async fn claim(
         &self,
         campaign: impl Into<CampaignRef>,
@@ -367,42 +410,46 @@ impl Markers {
         if users.is_empty() {
             return Ok(vec![]);
         }
-        let (chunks, pairs) = Self::ranges(users);
-        let keys = self.range_keys(campaign, &chunks, true);
+        let layout = Layout::new(users, users).map_err(MarkerError::other)?;
+        let keys = self.range_keys(campaign, &layout.chunks, true);
         let args: Vec<Value> = vec![
             token.into(),
             self.claim_ttl.as_millis().max(1).to_string().into(),
-            users.len().to_string().into(),
+            layout.spans().to_string().into(),
             self.marker_ttl.as_secs().max(1).to_string().into(),
-            pairs,
+            Value::Bytes(layout.packed().into()),
         ];
         let reply: Value = self
             .claim
             .evalsha_with_reload(&self.client, keys, args)
             .await?;
-        let states = reply.as_bytes().unwrap_or_default();
-        if states.len() != users.len() {
-            return Err(MarkerError(fred::error::Error::new(
-                fred::error::ErrorKind::Unknown,
-                format!(
-                    "claim answered {} states for {} users",
-                    states.len(),
-                    users.len()
-                ),
+        let reply = reply.as_bytes().unwrap_or_default();
+        if reply.len() != layout.leases + layout.span_bytes() {
+            return Err(MarkerError::other(format!(
+                "claim answered {} bytes for {} leases and {} bitmap bytes",
+                reply.len(),
+                layout.leases,
+                layout.span_bytes()
             )));
         }
-        Ok(states
+        let (status, bits) = reply.split_at(layout.leases);
+        Ok(layout
+            .lookups
             .iter()
-            .map(|s| match s {
-                b'0' => ClaimState::Done,
-                b'1' => ClaimState::Claimed,
-                _ => ClaimState::Busy,
+            .map(|(lease, bit)| {
+                if bit_is_set(bits, *bit) {
+                    ClaimState::Done
+                } else if status[*lease] == b'1' {
+                    ClaimState::Claimed
+                } else {
+                    ClaimState::Busy
+                }
             })
             .collect())
     }
 
-    /// Confirms `users` as settled by this batch, dropping their claims whoever holds them;
-    /// returns the batch's running total for `kind` across all its deliveries.
+    /// Confirms `users` as settled by this batch; returns the batch's running total for
+    /// `kind` across all its deliveries. Leases stay as they are.
     pub async fn confirm(
         &self,
         campaign: impl Into<CampaignRef>,
@@ -411,7 +458,7 @@ impl Markers {
         users: &[i64],
     ) -> Result<i64, MarkerError> {
         let totals = self
-            .confirm_totals(campaign, batch_field, kind, users)
+            .confirm_totals(campaign, batch_field, kind, users, None)
             .await?;
         Ok(match kind {
             Settled::Sent => totals.sent,
@@ -419,28 +466,33 @@ impl Markers {
         })
     }
 
-    /// As [`Markers::confirm`], returning the batch's running totals of both kinds.
+    /// As [`Markers::confirm`], returning the batch's running totals of both kinds; with
+    /// `release`, then drops its token's leases on the blocks of its users, in the same call
+    /// (the last step of a batch needs no separate release).
     pub async fn confirm_totals(
         &self,
         campaign: impl Into<CampaignRef>,
         batch_field: &str,
         kind: Settled,
         users: &[i64],
+        release: Option<Release<'_>>,
     ) -> Result<Totals, MarkerError> {
         let campaign: CampaignRef = campaign.into();
-        let (chunks, pairs) = Self::ranges(users);
-        let mut keys = self.range_keys(campaign, &chunks, true);
+        let (token, leased) = release.map_or(("", &[][..]), |r| (r.token, r.users));
+        let layout = Layout::new(users, leased).map_err(MarkerError::other)?;
+        let mut keys = self.range_keys(campaign, &layout.chunks, true);
         keys.push(self.progress_key(campaign));
         let (field, other) = match kind {
             Settled::Sent => (format!("{batch_field}:s"), format!("{batch_field}:f")),
             Settled::Failed => (format!("{batch_field}:f"), format!("{batch_field}:s")),
         };
         let args: Vec<Value> = vec![
-            users.len().to_string().into(),
+            layout.spans().to_string().into(),
             field.into(),
             self.marker_ttl.as_secs().max(1).to_string().into(),
-            pairs,
+            Value::Bytes(layout.packed().into()),
             other.into(),
+            token.into(),
         ];
         let (mine, other): (i64, i64) = self
             .confirm
@@ -458,7 +510,8 @@ impl Markers {
         })
     }
 
-    /// Drops our claims on `users` (after a failed attempt), so a retry can claim them.
+    /// Drops `token`'s leases on the blocks of `users` (after a failed attempt, or when a
+    /// batch is done), so another delivery can claim them.
     pub async fn release(
         &self,
         campaign: impl Into<CampaignRef>,
@@ -469,9 +522,13 @@ impl Markers {
         if users.is_empty() {
             return Ok(());
         }
-        let (chunks, pairs) = Self::ranges(users);
-        let keys = self.range_keys(campaign, &chunks, false);
-        let args: Vec<Value> = vec![token.into(), users.len().to_string().into(), pairs];
+        let layout = Layout::new(&[], users).map_err(MarkerError::other)?;
+        let keys = self.range_keys(campaign, &layout.chunks, false);
+        let args: Vec<Value> = vec![
+            token.into(),
+            layout.spans().to_string().into(),
+            Value::Bytes(layout.packed().into()),
+        ];
         let _: i64 = self
             .release
             .evalsha_with_reload(&self.client, keys, args)
@@ -508,8 +565,8 @@ impl Markers {
             .client
             .eval(
                 "return redis.call('GETBIT', KEYS[1], ARGV[1])",
-                vec![self.bitmap_key(campaign, user)],
-                vec![Self::offset(user).to_string()],
+                vec![self.bitmap_key(campaign, chunk(user))],
+                vec![offset(user).to_string()],
             )
             .await?;
         Ok(bit == 1)
@@ -523,9 +580,9 @@ impl Markers {
     ) -> Result<(), MarkerError> {
         let campaign: CampaignRef = campaign.into();
         let mut keys = vec![self.progress_key(campaign)];
-        for chunk in 0..=(max_user_id.max(0) >> CHUNK_BITS) {
-            keys.push(format!("{}:c:{campaign}:done:{chunk}", self.prefix));
-            keys.push(self.claims_key(campaign, chunk));
+        for c in 0..=(max_user_id.max(0) >> CHUNK_BITS) {
+            keys.push(self.bitmap_key(campaign, c));
+            keys.push(self.claims_key(campaign, c));
         }
         let _: i64 = self.client.del(keys).await?;
         Ok(())

@@ -13,7 +13,7 @@ use herald_schemas::{decode, PushBatch, Subjects};
 
 use crate::{
     context::{Shared, StageSettings},
-    markers::{CampaignRef, ClaimState, Settled},
+    markers::{CampaignRef, ClaimState, Release, Settled},
     provider::{Provider, Push, SendError},
     stage::Stage,
     store::{BatchRecord, Campaign},
@@ -105,13 +105,17 @@ impl PushSender {
             self.shared.node_id, d.stream_sequence, d.delivered
         );
         let field = format!("{}:{}", batch.bucket, batch.part);
+        // A user listed twice is still one recipient and one send.
+        let mut users = batch.user_ids.clone();
+        users.sort_unstable();
+        users.dedup();
         let states = markers
-            .claim(scope, &batch.user_ids, &token)
+            .claim(scope, &users, &token)
             .await
             .map_err(|e| e.to_string())?;
         let mut claimed = Vec::new();
         let mut busy = 0usize;
-        for (user, state) in batch.user_ids.iter().zip(&states) {
+        for (user, state) in users.iter().zip(&states) {
             match state {
                 ClaimState::Claimed => claimed.push(*user),
                 ClaimState::Busy => busy += 1,
@@ -140,13 +144,27 @@ impl PushSender {
                 }
             }
         }
+        let again = !retry.is_empty() || (busy > 0 && !last);
+        // The leases on this batch's blocks go with the last confirmation when nothing is
+        // left to retry; otherwise with the release below, after every confirmation.
+        let release = Release {
+            token: &token,
+            users: &users,
+        };
         // Sends happened: confirm them first (Redis only), so a database outage cannot turn
         // them into repeats; then record the failures and settle those.
         let now = chrono::Utc::now();
         let failed_users: Vec<i64> = failed.iter().map(|(u, _)| *u).collect();
+        let last_call = !again && failed.is_empty();
         let totals = settle_with_retries(|| async {
             markers
-                .confirm_totals(scope, &field, Settled::Sent, &sent)
+                .confirm_totals(
+                    scope,
+                    &field,
+                    Settled::Sent,
+                    &sent,
+                    last_call.then_some(release),
+                )
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -163,14 +181,21 @@ impl PushSender {
                     .await
                     .map_err(|e| e.to_string())?;
                 markers
-                    .confirm(scope, &field, Settled::Failed, &failed_users)
+                    .confirm_totals(
+                        scope,
+                        &field,
+                        Settled::Failed,
+                        &failed_users,
+                        (!again).then_some(release),
+                    )
                     .await
+                    .map(|t| t.failed)
                     .map_err(|e| e.to_string())
             })
             .await?
         };
-        if !retry.is_empty() || (busy > 0 && !last) {
-            if let Err(e) = markers.release(scope, &retry, &token).await {
+        if again {
+            if let Err(e) = markers.release(scope, &users, &token).await {
                 tracing::warn!(campaign_id = cid, error = %e, "releasing claims failed; they expire");
             }
             let reason = if retry.is_empty() {
@@ -183,7 +208,7 @@ impl PushSender {
                 delay: retry_after,
             });
         }
-        let recipients = batch.user_ids.len() as i64;
+        let recipients = users.len() as i64;
         let skipped = (recipients - total_sent - total_failed).max(0);
         let record = BatchRecord {
             campaign_id: cid,

@@ -1,6 +1,6 @@
 //! Idempotency markers against the real Redis at 127.0.0.1:6379: claim, confirm, release,
-//! claim expiry, id ranges across bitmap keys, the memory cost of a million confirmed users,
-//! and racing claimers. Each test runs under its own key prefix and deletes its keys after.
+//! claim expiry, block leases shared by overlapping batches, id ranges across bitmap keys,
+//! the memory cost of a million confirmed users, and racing claimers. Each test runs under its own key prefix and deletes its keys after.
 
 use std::{
     collections::HashMap,
@@ -15,7 +15,7 @@ use fred::{
     types::CustomCommand,
 };
 use futures::{StreamExt, TryStreamExt};
-use herald_actors::markers::{connect, ClaimState, Markers, Settled};
+use herald_actors::markers::{block_of, connect, ClaimState, Markers, Release, Settled, BLOCK_IDS};
 
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
 const CAMPAIGN: i64 = 42;
@@ -73,15 +73,15 @@ fn bitmap_key(prefix: &str, campaign: i64, user: i64) -> String {
     format!("{prefix}:c:{campaign}.0:done:{}", user >> 20)
 }
 
-/// The claims hash of a user's id range, and the user's field in it.
+/// The claims hash of a user's id range, and the field of the user's lease block in it.
 fn claim_slot(prefix: &str, campaign: i64, user: i64) -> (String, String) {
     (
         format!("{prefix}:c:{campaign}.0:claims:{}", user >> 20),
-        (user & ((1 << 20) - 1)).to_string(),
+        block_of(user & ((1 << 20) - 1)).to_string(),
     )
 }
 
-/// Who holds the claim on a user: the token part of `token|deadline`.
+/// Who holds the lease on a user's block: the token part of `token|deadline`.
 async fn claim_holder(client: &Client, prefix: &str, campaign: i64, user: i64) -> Option<String> {
     let (key, field) = claim_slot(prefix, campaign, user);
     let v: Option<String> = client.hget(key, field).await.unwrap();
@@ -138,9 +138,10 @@ async fn fresh_users_are_claimed_and_another_token_finds_them_busy() {
             m.claim(CAMPAIGN + 1, &users, "b").await.unwrap(),
             all(ClaimState::Claimed, 3)
         );
-        // A partly overlapping batch: only the overlap is busy.
+        // A partly overlapping batch: the overlap's block is busy, a block a never took is
+        // free. Users 1..=3 and 40 are in blocks 0 and 1.
         assert_eq!(
-            m.claim(CAMPAIGN, &[3, 4], "b").await.unwrap(),
+            m.claim(CAMPAIGN, &[3, 40], "b").await.unwrap(),
             vec![ClaimState::Busy, ClaimState::Claimed]
         );
         assert!(m.claim(CAMPAIGN, &[], "b").await.unwrap().is_empty());
@@ -176,12 +177,15 @@ async fn confirmed_users_are_done_for_every_token() {
         let users = [7, 8, 9];
         assert!(!m.is_done(CAMPAIGN, 7).await.unwrap());
         m.claim(CAMPAIGN, &users, "a").await.unwrap();
-        assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &users)
-                .await
-                .unwrap(),
-            3
-        );
+        let release = Release {
+            token: "a",
+            users: &users,
+        };
+        let totals = m
+            .confirm_totals(CAMPAIGN, "b1", Settled::Sent, &users, Some(release))
+            .await
+            .unwrap();
+        assert_eq!((totals.sent, totals.failed), (3, 0));
         for token in ["a", "b", "c"] {
             assert_eq!(
                 m.claim(CAMPAIGN, &users, token).await.unwrap(),
@@ -194,7 +198,7 @@ async fn confirmed_users_are_done_for_every_token() {
         }
         assert!(!m.is_done(CAMPAIGN, 6).await.unwrap());
         assert!(!m.is_done(CAMPAIGN, 10).await.unwrap());
-        // The confirm dropped our claims: only done bits remain.
+        // The confirm dropped our lease: only done bits remain.
         for user in users {
             assert_eq!(
                 claim_holder(m.client(), &prefix, CAMPAIGN, user).await,
@@ -519,18 +523,27 @@ async fn a_batch_of_thousands_mixing_done_busy_and_free_users_over_ranges() {
         let users: Vec<i64> = (0..6_000i64)
             .map(|i| if i % 2 == 0 { i } else { (3 << 20) + i })
             .collect();
-        let done: Vec<i64> = users.iter().copied().filter(|u| u % 3 == 0).collect();
-        let busy: Vec<i64> = users.iter().copied().filter(|u| u % 3 == 1).collect();
+        // Every third block is leased by b; elsewhere every third user is done.
+        let busy_block = |u: &i64| block_of(*u) % 3 == 1;
+        let done: Vec<i64> = users
+            .iter()
+            .copied()
+            .filter(|u| !busy_block(u) && u % 3 == 0)
+            .collect();
+        let busy: Vec<i64> = users.iter().copied().filter(busy_block).collect();
         assert_eq!(
             m.claim(CAMPAIGN, &done, "a").await.unwrap(),
             all(ClaimState::Claimed, done.len())
         );
-        assert_eq!(
-            m.confirm(CAMPAIGN, "b1", Settled::Sent, &done)
-                .await
-                .unwrap(),
-            done.len() as i64
-        );
+        let release = Release {
+            token: "a",
+            users: &done,
+        };
+        let totals = m
+            .confirm_totals(CAMPAIGN, "b1", Settled::Sent, &done, Some(release))
+            .await
+            .unwrap();
+        assert_eq!(totals.sent, done.len() as i64);
         assert_eq!(
             m.claim(CAMPAIGN, &busy, "b").await.unwrap(),
             all(ClaimState::Claimed, busy.len())
@@ -540,10 +553,14 @@ async fn a_batch_of_thousands_mixing_done_busy_and_free_users_over_ranges() {
         batch.push(users[5]);
         let expect: Vec<ClaimState> = batch
             .iter()
-            .map(|u| match u % 3 {
-                0 => ClaimState::Done,
-                1 => ClaimState::Busy,
-                _ => ClaimState::Claimed,
+            .map(|u| {
+                if busy_block(u) {
+                    ClaimState::Busy
+                } else if u % 3 == 0 {
+                    ClaimState::Done
+                } else {
+                    ClaimState::Claimed
+                }
             })
             .collect();
         assert_eq!(m.claim(CAMPAIGN, &batch, "c").await.unwrap(), expect);
@@ -574,6 +591,107 @@ async fn a_batch_of_thousands_mixing_done_busy_and_free_users_over_ranges() {
         assert_eq!(
             m.claim(CAMPAIGN, &later, "g").await.unwrap(),
             all(ClaimState::Claimed, later.len())
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn batches_that_share_a_block_exclude_each_other_whatever_users_they_list() {
+    // What a bucket expanded twice with a shifted cut would produce: batches whose users
+    // differ but fall in the same block. Only one of them may hold the block.
+    with_markers(Duration::from_secs(30), |m, prefix| async move {
+        let first: Vec<i64> = (0..10).collect();
+        let shifted: Vec<i64> = (5..20).collect();
+        let neighbours: Vec<i64> = (10..BLOCK_IDS).collect();
+        assert_eq!(
+            m.claim(CAMPAIGN, &first, "a").await.unwrap(),
+            all(ClaimState::Claimed, first.len())
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &shifted, "b").await.unwrap(),
+            all(ClaimState::Busy, shifted.len())
+        );
+        assert_eq!(
+            m.claim(CAMPAIGN, &neighbours, "c").await.unwrap(),
+            all(ClaimState::Busy, neighbours.len())
+        );
+        // The next block is free for anyone.
+        assert_eq!(
+            m.claim(CAMPAIGN, &[BLOCK_IDS], "c").await.unwrap(),
+            vec![ClaimState::Claimed]
+        );
+        // Once a's users are confirmed and its lease dropped, the shifted batch finds a's
+        // users done and claims the rest.
+        let release = Release {
+            token: "a",
+            users: &first,
+        };
+        m.confirm_totals(CAMPAIGN, "a", Settled::Sent, &first, Some(release))
+            .await
+            .unwrap();
+        let expect: Vec<ClaimState> = shifted
+            .iter()
+            .map(|u| {
+                if *u < 10 {
+                    ClaimState::Done
+                } else {
+                    ClaimState::Claimed
+                }
+            })
+            .collect();
+        assert_eq!(m.claim(CAMPAIGN, &shifted, "b").await.unwrap(), expect);
+        assert_eq!(
+            claim_holder(m.client(), &prefix, CAMPAIGN, 0)
+                .await
+                .as_deref(),
+            Some("b")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_confirm_keeps_leases_unless_it_releases_and_drops_only_its_own() {
+    with_markers(Duration::from_secs(30), |m, prefix| async move {
+        let users = [1, 2, 3];
+        m.claim(CAMPAIGN, &users, "a").await.unwrap();
+        // Without a release the lease stays: the batch has failures still to settle.
+        m.confirm(CAMPAIGN, "b1", Settled::Sent, &users[..1])
+            .await
+            .unwrap();
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            vec![ClaimState::Done, ClaimState::Busy, ClaimState::Busy]
+        );
+        // Someone else's release in a confirm leaves a's lease alone.
+        let theirs = Release {
+            token: "b",
+            users: &users,
+        };
+        m.confirm_totals(CAMPAIGN, "b2", Settled::Sent, &[], Some(theirs))
+            .await
+            .unwrap();
+        assert_eq!(
+            claim_holder(m.client(), &prefix, CAMPAIGN, 2)
+                .await
+                .as_deref(),
+            Some("a")
+        );
+        // a settles the rest as failed and releases in the same call.
+        let ours = Release {
+            token: "a",
+            users: &users,
+        };
+        let totals = m
+            .confirm_totals(CAMPAIGN, "b1", Settled::Failed, &users[1..], Some(ours))
+            .await
+            .unwrap();
+        assert_eq!((totals.sent, totals.failed), (1, 2));
+        assert_eq!(claim_holder(m.client(), &prefix, CAMPAIGN, 2).await, None);
+        assert_eq!(
+            m.claim(CAMPAIGN, &users, "b").await.unwrap(),
+            all(ClaimState::Done, 3)
         );
     })
     .await;
