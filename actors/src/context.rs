@@ -107,7 +107,7 @@ impl Default for PipelineSettings {
             retry_max: Duration::from_secs(30),
         };
         Self {
-            bucket_size: 1000,
+            bucket_size: 1024,
             batch_size: 100,
             publish_max_messages: 100,
             publish_max_bytes: 800 * 1024,

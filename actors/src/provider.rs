@@ -57,6 +57,14 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Delivers one push. Must be safe to call concurrently.
     async fn send(&self, push: &Push) -> Result<(), SendError>;
+
+    /// Delivers the pushes of one batch (one campaign, distinct users); one result per
+    /// push, in order. A provider with a batch endpoint (FCM, SES, most SMS gateways)
+    /// overrides this to make one call for the lot; the default sends each push through
+    /// [`Provider::send`], all at once. The push sender calls this, never `send`.
+    async fn send_batch(&self, pushes: &[Push]) -> Vec<Result<(), SendError>> {
+        futures::future::join_all(pushes.iter().map(|p| self.send(p))).await
+    }
 }
 
 /// The provider for each inform type.

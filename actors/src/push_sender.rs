@@ -1,6 +1,6 @@
 //! The push sender stage: for each `PushBatch`, claim its users in Redis (one script call),
-//! send to the claimed ones through the campaign's provider with bounded concurrency and a
-//! few quick in-place retries, confirm what was sent or failed for good, release the rest, and
+//! send to the claimed ones through the campaign's provider in batch calls (a permit per push
+//! from the node's send window) with a few quick in-place retries, confirm what was sent or failed for good, release the rest, and
 //! ack only when every user of the batch is settled. Users that still need a retry send the
 //! batch back to JetStream with a delay; on the last delivery they are recorded as failed.
 
@@ -55,42 +55,97 @@ impl PushSender {
         })
     }
 
-    async fn send_one(&self, user_id: i64) -> Sent {
-        let s = &self.shared.settings;
-        let push = Push {
+    fn push(&self, user_id: i64) -> Push {
+        Push {
             campaign_id: self.campaign.id,
             user_id,
             channel: self.campaign.inform_type,
             title: self.title.clone(),
             body: self.body.clone(),
-        };
-        let mut attempt = 0;
-        loop {
+        }
+    }
+
+    /// Sends to `users` in rounds of provider batch calls, retrying the retryable ones in
+    /// place with a growing wait, up to `send_attempts` rounds; one outcome per user.
+    async fn send_all(&self, users: &[i64]) -> Vec<Sent> {
+        let s = &self.shared.settings;
+        let mut out: Vec<Option<Sent>> = users.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..users.len()).collect();
+        let mut attempt = 0u32;
+        while !pending.is_empty() {
             attempt += 1;
-            let result = {
-                let Ok(_permit) = self.shared.send_permits.acquire().await else {
-                    return Sent::Retry("node shutting down".into(), None);
+            let results = self.send_round(users, &pending).await;
+            let stopping = self.shared.send_permits.is_closed();
+            let mut wait = Duration::ZERO;
+            let mut again = Vec::new();
+            for (i, r) in pending.iter().zip(results) {
+                out[*i] = match r {
+                    Ok(()) => Some(Sent::Ok),
+                    Err(SendError::Permanent { reason }) => Some(Sent::Failed(reason)),
+                    Err(SendError::Retryable {
+                        reason,
+                        retry_after,
+                    }) => {
+                        let w = retry_after.unwrap_or_else(|| {
+                            s.send_retry_base
+                                .saturating_mul(2u32.saturating_pow(attempt - 1))
+                        });
+                        if stopping || attempt >= s.send_attempts || w > s.send_retry_max {
+                            Some(Sent::Retry(reason, retry_after))
+                        } else {
+                            wait = wait.max(w);
+                            again.push(*i);
+                            None
+                        }
+                    }
                 };
-                self.provider.send(&push).await
-            };
-            match result {
-                Ok(()) => return Sent::Ok,
-                Err(SendError::Permanent { reason }) => return Sent::Failed(reason),
+            }
+            if !again.is_empty() {
+                tokio::time::sleep(wait).await;
+            }
+            pending = again;
+        }
+        out.into_iter()
+            .map(|o| o.expect("every user gets an outcome"))
+            .collect()
+    }
+
+    /// One round: the `pending` users' pushes as provider batch calls, in slices no larger
+    /// than the node's send window, each holding one permit per push while it runs.
+    async fn send_round(&self, users: &[i64], pending: &[usize]) -> Vec<Result<(), SendError>> {
+        let window = self.shared.settings.send_concurrency.max(1);
+        let slices = pending.chunks(window).map(|slice| async move {
+            let retry = |reason: String| {
                 Err(SendError::Retryable {
                     reason,
-                    retry_after,
-                }) => {
-                    let wait = retry_after.unwrap_or_else(|| {
-                        s.send_retry_base
-                            .saturating_mul(2u32.saturating_pow(attempt - 1))
-                    });
-                    if attempt >= s.send_attempts || wait > s.send_retry_max {
-                        return Sent::Retry(reason, retry_after);
-                    }
-                    tokio::time::sleep(wait).await;
-                }
+                    retry_after: None,
+                })
+            };
+            let Ok(_permits) = self
+                .shared
+                .send_permits
+                .acquire_many(slice.len() as u32)
+                .await
+            else {
+                return slice
+                    .iter()
+                    .map(|_| retry("node shutting down".into()))
+                    .collect();
+            };
+            let pushes: Vec<Push> = slice.iter().map(|i| self.push(users[*i])).collect();
+            let mut results = self.provider.send_batch(&pushes).await;
+            if results.len() != pushes.len() {
+                let reason = format!(
+                    "provider {} answered {} results for {} pushes",
+                    self.provider.name(),
+                    results.len(),
+                    pushes.len()
+                );
+                results = pushes.iter().map(|_| retry(reason.clone())).collect();
             }
-        }
+            results
+        });
+        join_all(slices).await.concat()
     }
 
     async fn process(&self, batch: PushBatch, d: &Delivery) -> Result<Outcome, String> {
@@ -122,7 +177,7 @@ impl PushSender {
                 ClaimState::Done => {}
             }
         }
-        let results = join_all(claimed.iter().map(|u| self.send_one(*u))).await;
+        let results = self.send_all(&claimed).await;
         let last = d.delivered >= self.shared.settings.push.max_deliver;
         let mut sent = Vec::new();
         let mut failed: Vec<(i64, String)> = Vec::new();

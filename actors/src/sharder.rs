@@ -1,5 +1,5 @@
 //! The sharder stage: turns a campaign's `CampaignCreated` into one `BucketTask` per
-//! `bucket_size` user ids between the audience's id bounds, published in batches of at most
+//! `bucket_size` user ids (rounded up to whole lease blocks) between the audience's id bounds, published in batches of at most
 //! `publish_max_messages` messages and `publish_max_bytes` bytes, then records the bucket
 //! count. Re-sharding after a crash re-publishes the same message ids, which the server drops
 //! inside its dedupe window and the later stages skip after it.
@@ -12,6 +12,7 @@ use herald_schemas::{decode, encode, BucketTask, CampaignCreated, Subjects};
 
 use crate::{
     context::{Shared, StageSettings},
+    markers::BLOCK_IDS,
     stage::Stage,
 };
 
@@ -145,12 +146,18 @@ fn db(e: sea_orm::DbErr) -> String {
 
 /// The buckets covering ids `lo..=hi`, `size` ids each; exact, never past `hi`.
 pub fn bucket_tasks(campaign_id: i64, lo: i64, hi: i64, size: i64) -> Vec<BucketTask> {
-    let size = size.max(1);
+    // Bucket edges sit on a grid of `size` rounded up to whole lease blocks, so no block
+    // straddles two buckets and the batches of neighbouring buckets never contend.
+    let size = (size.clamp(1, i64::MAX - BLOCK_IDS) + BLOCK_IDS - 1) / BLOCK_IDS * BLOCK_IDS;
     let mut out = Vec::new();
     let mut start = lo;
     let mut bucket = 0;
     while start <= hi {
-        let end = start.saturating_add(size).min(hi.saturating_add(1));
+        let next_edge = start
+            .div_euclid(size)
+            .saturating_add(1)
+            .saturating_mul(size);
+        let end = next_edge.min(hi.saturating_add(1));
         out.push(BucketTask::new(campaign_id, bucket, start, end));
         bucket += 1;
         start = end;
@@ -213,14 +220,30 @@ impl Stage for Sharder {
 #[cfg(test)]
 mod tests {
     use super::bucket_tasks;
+    use crate::markers::BLOCK_IDS;
 
     #[test]
     fn buckets_cover_the_range_exactly() {
-        let t = bucket_tasks(1, 1, 2500, 1000);
+        let t = bucket_tasks(1, 1, 2500, 1024);
         let ranges: Vec<_> = t.iter().map(|b| (b.bucket, b.start_id, b.end_id)).collect();
-        assert_eq!(ranges, vec![(0, 1, 1001), (1, 1001, 2001), (2, 2001, 2501)]);
-        assert_eq!(bucket_tasks(1, 5, 5, 1000).len(), 1);
-        assert_eq!(bucket_tasks(1, 1, 1000, 1000).len(), 1);
-        assert_eq!(bucket_tasks(1, 1, 1001, 1000).len(), 2);
+        assert_eq!(ranges, vec![(0, 1, 1024), (1, 1024, 2048), (2, 2048, 2501)]);
+        assert_eq!(bucket_tasks(1, 5, 5, 1024).len(), 1);
+        assert_eq!(bucket_tasks(1, 0, 1023, 1024).len(), 1);
+        assert_eq!(bucket_tasks(1, 0, 1024, 1024).len(), 2);
+    }
+
+    #[test]
+    fn bucket_edges_fall_on_lease_block_edges() {
+        // 1000 rounds up to 1024: 32 blocks of 32 ids.
+        for (lo, hi, size) in [(1, 100_000, 1000), (7_777, 50_000, 1), (-40, 40, 33)] {
+            let t = bucket_tasks(1, lo, hi, size);
+            assert_eq!(t[0].start_id, lo);
+            assert_eq!(t.last().unwrap().end_id, hi + 1);
+            for pair in t.windows(2) {
+                assert_eq!(pair[0].end_id, pair[1].start_id);
+                assert_eq!(pair[1].start_id % BLOCK_IDS, 0, "{lo}..{hi} by {size}");
+                assert!(pair[0].end_id - pair[0].start_id <= (size + 31) / 32 * 32);
+            }
+        }
     }
 }

@@ -199,7 +199,7 @@ impl StageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// User ids per bucket.
+    /// User ids per bucket, rounded up to a multiple of 32 (a lease block).
     pub bucket_size: i64,
     /// Recipients per push batch.
     pub batch_size: usize,
@@ -433,7 +433,7 @@ mod tests {
     fn defaults_load_without_a_file() {
         let c = Config::load_from(None, env(&[])).unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.pipeline.bucket_size, 1000);
+        assert_eq!(c.pipeline.bucket_size, 1024);
     }
 
     #[test]

@@ -341,6 +341,91 @@ async fn simulated_latency_is_honoured_without_blocking_threads() {
     assert_eq!(provider.ledger().distinct(), 501);
 }
 
+#[tokio::test]
+async fn simulated_batch_is_one_call_with_one_latency_and_an_outcome_per_push() {
+    let provider = SimulatedProvider::with_seed(
+        SimulatedConfig {
+            latency_ms: 200,
+            permanent_failure_rate: 0.5,
+            ..SimulatedConfig::default()
+        },
+        7,
+    );
+    let pushes: Vec<Push> = (1..=100).map(|u| push(3, u)).collect();
+    let started = Instant::now();
+    let results = provider.send_batch(&pushes).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(2_000),
+        "one latency, not 100: {elapsed:?}"
+    );
+    assert_eq!(results.len(), 100);
+    let delivered: Vec<i64> = pushes
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(p, _)| p.user_id)
+        .collect();
+    assert!((20..=80).contains(&delivered.len()), "{}", delivered.len());
+    // The ledger holds exactly the pushes answered Ok.
+    let ledger = provider.ledger();
+    assert_eq!(ledger.total(), delivered.len() as u64);
+    for p in &pushes {
+        assert_eq!(
+            ledger.count(3, p.user_id) == 1,
+            delivered.contains(&p.user_id)
+        );
+    }
+}
+
+/// Delivers only even users and counts the calls in flight at once.
+struct EvenOnly {
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Provider for EvenOnly {
+    fn name(&self) -> &str {
+        "even-only"
+    }
+
+    async fn send(&self, push: &Push) -> Result<(), SendError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        if push.user_id % 2 == 0 {
+            Ok(())
+        } else {
+            Err(SendError::Permanent {
+                reason: format!("odd user {}", push.user_id),
+            })
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_provider_without_a_batch_endpoint_gets_each_push_at_once_in_order() {
+    let provider = EvenOnly {
+        in_flight: Default::default(),
+        peak: Default::default(),
+    };
+    let pushes: Vec<Push> = (1..=40).map(|u| push(4, u)).collect();
+    let started = Instant::now();
+    let results = provider.send_batch(&pushes).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1_000),
+        "sent one by one"
+    );
+    assert_eq!(provider.peak.load(std::sync::atomic::Ordering::SeqCst), 40);
+    for (p, r) in pushes.iter().zip(&results) {
+        assert_eq!(r.is_ok(), p.user_id % 2 == 0, "user {}", p.user_id);
+    }
+}
+
 fn from_toml(text: &str) -> anyhow::Result<ProviderConfig> {
     Ok(config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))

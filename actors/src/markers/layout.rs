@@ -59,16 +59,27 @@ impl Layout {
     /// Lays out `set` (users whose bits to set) and `lease` (users whose blocks to lease).
     /// Fails only when the users touch more id ranges than the format can name.
     pub fn new(set: &[i64], lease: &[i64]) -> Result<Self, String> {
-        // (range, offset, index into `lease` or usize::MAX for a bit to set)
-        let mut items: Vec<(i64, i64, usize)> = Vec::with_capacity(set.len() + lease.len());
-        items.extend(set.iter().map(|u| (chunk(*u), offset(*u), usize::MAX)));
-        items.extend(
-            lease
-                .iter()
-                .enumerate()
-                .map(|(i, u)| (chunk(*u), offset(*u), i)),
-        );
-        items.sort_unstable();
+        // (user, index into `lease`, or usize::MAX for a bit to set), in user order: merged
+        // when both lists come sorted (the push sender's do), sorted otherwise.
+        let mut items: Vec<(i64, usize)> = Vec::with_capacity(set.len() + lease.len());
+        let (mut a, mut b) = (set.iter().peekable(), lease.iter().enumerate().peekable());
+        loop {
+            let take_set = match (a.peek(), b.peek()) {
+                (Some(x), Some((_, y))) => *x <= *y,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_set {
+                items.push((*a.next().expect("peeked"), usize::MAX));
+            } else {
+                let (i, u) = b.next().expect("peeked");
+                items.push((*u, i));
+            }
+        }
+        if !items.is_sorted_by_key(|(u, _)| *u) {
+            items.sort_unstable_by_key(|(u, _)| *u);
+        }
         let mut layout = Layout {
             chunks: Vec::new(),
             spans: Vec::new(),
@@ -76,7 +87,8 @@ impl Layout {
             lookups: vec![(0, 0); lease.len()],
         };
         let mut bytes_before = 0usize;
-        for (chunk, off, idx) in items {
+        for (user, idx) in items {
+            let (chunk, off) = (chunk(user), offset(user));
             let block = off >> BLOCK_BITS;
             let fits = layout.spans.last().is_some_and(|s| {
                 layout.chunks.last() == Some(&chunk)
@@ -193,6 +205,17 @@ mod tests {
         assert!(bit_is_set(&packed[8..12], 1));
         assert!(bit_is_set(&packed[8..12], 9));
         assert!(!bit_is_set(&packed[8..12], 2));
+    }
+
+    #[test]
+    fn unsorted_and_repeated_users_lay_out_as_sorted_ones() {
+        let sorted = Layout::new(&[3, 40, 70], &[3, 5, 40, 99]).unwrap();
+        let shuffled = Layout::new(&[70, 3, 40], &[99, 3, 40, 5]).unwrap();
+        assert_eq!(sorted.packed(), shuffled.packed());
+        assert_eq!(shuffled.lookups[0], sorted.lookups[3]);
+        let twice = Layout::new(&[3, 3], &[3, 3]).unwrap();
+        assert_eq!(twice.leases, 1);
+        assert_eq!(twice.lookups[0], twice.lookups[1]);
     }
 
     #[test]

@@ -12,7 +12,8 @@ use super::{ledger::Ledger, rng::SplitMix64};
 /// How a [`SimulatedProvider`] behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct SimulatedConfig {
-    /// Time each send takes, in milliseconds (a tokio sleep: no thread is blocked).
+    /// Time each call takes, one push or a batch, in milliseconds (a tokio sleep: no thread
+    /// is blocked).
     pub latency_ms: u64,
     /// Share of sends (0..=1) that return [`SendError::Retryable`].
     pub failure_rate: f64,
@@ -41,8 +42,9 @@ impl SimulatedConfig {
     }
 }
 
-/// Sleeps `latency_ms`, then succeeds or fails at random at the configured rates. Every
-/// success is counted in its [`Ledger`].
+/// Sleeps `latency_ms` per call (a batch call as one, like a provider's batch endpoint),
+/// then each push succeeds or fails at random at the configured rates. Every success is
+/// counted in its [`Ledger`].
 #[derive(Debug)]
 pub struct SimulatedProvider {
     latency: Duration,
@@ -98,6 +100,24 @@ impl Provider for SimulatedProvider {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
+        self.outcome(push)
+    }
+
+    /// One call for the whole batch, as a batch endpoint takes: one latency, then each push
+    /// succeeds or fails on its own draw.
+    async fn send_batch(&self, pushes: &[Push]) -> Vec<Result<(), SendError>> {
+        for _ in pushes {
+            self.ledger.record_attempt();
+        }
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        pushes.iter().map(|p| self.outcome(p)).collect()
+    }
+}
+
+impl SimulatedProvider {
+    fn outcome(&self, push: &Push) -> Result<(), SendError> {
         // One draw, split into [permanent | retryable | success] bands.
         let draw = self.rng.next_f64();
         if draw < self.permanent_failure_rate {
