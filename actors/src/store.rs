@@ -476,7 +476,9 @@ impl Store {
         // thousand rows was most of the expander's cost, here and in the database.
         let (joins, conds, mut extra) = audience_sql(audience, 4);
         let agg = match self.db.get_database_backend() {
-            DbBackend::Postgres => "string_agg(a.id::text, ',' ORDER BY a.id)",
+            // No ORDER BY inside the aggregate: it sorts even rows the index scan hands
+            // over in order, and that was 0.2 of the query's 0.55 ms per 1024 ids.
+            DbBackend::Postgres => "string_agg(a.id::text, ',')",
             _ => "group_concat(a.id, ',')",
         };
         let sql = format!(
@@ -498,7 +500,8 @@ impl Store {
                     .map_err(|e| DbErr::Custom(format!("bucket user id {id:?}: {e}")))
             })
             .collect::<Result<Vec<i64>, DbErr>>()?;
-        // Already in order on PostgreSQL; SQLite does not promise group_concat's order.
+        // Neither aggregate promises an order; the scan's order makes this sort a linear
+        // check in practice.
         ids.sort_unstable();
         Ok(ids)
     }
