@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement, Value,
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement,
+    TransactionTrait, Value,
 };
 
 /// A campaign row, as the pipeline needs it.
@@ -196,9 +197,10 @@ pub(crate) fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> St
 }
 
 /// The insert of finished push batches, or None for none; a batch recorded before is left
-/// as it is. Padded to a power of two with repeats of the first row (ON CONFLICT DO NOTHING
-/// skips them), so the statement takes few shapes and each connection plans it once.
-pub(crate) fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) -> Option<Statement> {
+/// as it is, and the rows actually inserted come back. Padded to a power of two with repeats
+/// of the first row (ON CONFLICT DO NOTHING skips them), so the statement takes few shapes
+/// and each connection plans it once.
+fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) -> Option<Statement> {
     let first = batches.first()?;
     let rows = batches.len().next_power_of_two();
     let mut sql = String::from(
@@ -225,8 +227,79 @@ pub(crate) fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) ->
             b.done_at.into(),
         ]);
     }
-    sql.push_str(" ON CONFLICT DO NOTHING");
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING campaign_id, sent, skipped, failed");
     Some(Statement::from_sql_and_values(backend, sql, values))
+}
+
+/// Counters to add to a campaign's `campaign_progress` row.
+#[derive(Debug, Default, Clone, Copy)]
+struct Increment {
+    buckets_done: i64,
+    parts_total: i64,
+    recipients: i64,
+    batches_done: i64,
+    sent: i64,
+    skipped: i64,
+    failed: i64,
+}
+
+/// Adds `inc` to a campaign's progress row, creating it at the first record.
+async fn add_progress<C: ConnectionTrait>(
+    conn: &C,
+    campaign_id: i64,
+    inc: Increment,
+) -> Result<(), DbErr> {
+    conn.execute(Statement::from_sql_and_values(
+        conn.get_database_backend(),
+        "INSERT INTO campaign_progress (campaign_id, buckets_done, parts_total, recipients, \
+         batches_done, sent, skipped, failed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (campaign_id) DO UPDATE SET \
+         buckets_done = campaign_progress.buckets_done + excluded.buckets_done, \
+         parts_total = campaign_progress.parts_total + excluded.parts_total, \
+         recipients = campaign_progress.recipients + excluded.recipients, \
+         batches_done = campaign_progress.batches_done + excluded.batches_done, \
+         sent = campaign_progress.sent + excluded.sent, \
+         skipped = campaign_progress.skipped + excluded.skipped, \
+         failed = campaign_progress.failed + excluded.failed",
+        vec![
+            campaign_id.into(),
+            inc.buckets_done.into(),
+            inc.parts_total.into(),
+            inc.recipients.into(),
+            inc.batches_done.into(),
+            inc.sent.into(),
+            inc.skipped.into(),
+            inc.failed.into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Records finished push batches and adds the ones not recorded before to their campaigns'
+/// progress. Run it inside a transaction, so the rows and the counters move together.
+pub(crate) async fn record_batches_in<C: ConnectionTrait>(
+    conn: &C,
+    batches: &[BatchRecord],
+) -> Result<(), DbErr> {
+    let Some(insert) = batch_records_stmt(conn.get_database_backend(), batches) else {
+        return Ok(());
+    };
+    // Sorted by campaign, so concurrent transactions lock progress rows in one order.
+    let mut by_campaign: std::collections::BTreeMap<i64, Increment> = Default::default();
+    for row in conn.query_all(insert).await? {
+        let inc = by_campaign
+            .entry(row.try_get::<i64>("", "campaign_id")?)
+            .or_default();
+        inc.batches_done += 1;
+        inc.sent += i64::from(row.try_get::<i32>("", "sent")?);
+        inc.skipped += i64::from(row.try_get::<i32>("", "skipped")?);
+        inc.failed += i64::from(row.try_get::<i32>("", "failed")?);
+    }
+    for (campaign_id, inc) in by_campaign {
+        add_progress(conn, campaign_id, inc).await?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -506,7 +579,8 @@ impl Store {
         Ok(ids)
     }
 
-    /// Records that a bucket was expanded into `parts` push batches.
+    /// Records that a bucket was expanded into `parts` push batches, and counts it in the
+    /// campaign's progress the first time.
     pub async fn record_bucket(
         &self,
         campaign_id: i64,
@@ -515,11 +589,12 @@ impl Store {
         recipients: i64,
         now: DateTime<Utc>,
     ) -> Result<(), DbErr> {
-        self.db
-            .execute(stmt(
+        let txn = self.db.begin().await?;
+        let inserted = txn
+            .query_one(stmt(
                 &self.db,
                 "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING bucket",
                 vec![
                     campaign_id.into(),
                     bucket.into(),
@@ -529,16 +604,27 @@ impl Store {
                 ],
             ))
             .await?;
-        Ok(())
+        if inserted.is_some() {
+            let inc = Increment {
+                buckets_done: 1,
+                parts_total: i64::from(parts),
+                recipients,
+                ..Increment::default()
+            };
+            add_progress(&txn, campaign_id, inc).await?;
+        }
+        txn.commit().await
     }
 
-    /// Records finished push batches, one multi-row insert; a batch recorded before is left
-    /// as it is.
+    /// Records finished push batches, one multi-row insert, and their campaigns' progress,
+    /// in one transaction; a batch recorded before is left as it is and counted once.
     pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<(), DbErr> {
-        if let Some(insert) = batch_records_stmt(self.db.get_database_backend(), batches) {
-            self.db.execute(insert).await?;
+        if batches.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let txn = self.db.begin().await?;
+        record_batches_in(&txn, batches).await?;
+        txn.commit().await
     }
 
     /// Records users whose push failed for good, with the reason; one multi-row insert.
@@ -573,51 +659,35 @@ impl Store {
         Ok(())
     }
 
-    /// Sums the bucket and batch records of a campaign.
+    /// A campaign's progress: its counters row (zeros before its first record).
     pub async fn progress(&self, campaign_id: i64) -> Result<Progress, DbErr> {
         #[derive(FromQueryResult)]
-        struct B {
+        struct Row {
             buckets_done: i64,
-            parts_total: Option<i64>,
-            recipients: Option<i64>,
-        }
-        #[derive(FromQueryResult)]
-        struct P {
+            parts_total: i64,
+            recipients: i64,
             batches_done: i64,
-            sent: Option<i64>,
-            skipped: Option<i64>,
-            failed: Option<i64>,
+            sent: i64,
+            skipped: i64,
+            failed: i64,
         }
-        let b = B::find_by_statement(stmt(
+        let row = Row::find_by_statement(stmt(
             &self.db,
-            "SELECT COUNT(*) AS buckets_done, CAST(SUM(parts) AS BIGINT) AS parts_total, \
-             CAST(SUM(recipients) AS BIGINT) AS recipients FROM campaign_bucket WHERE campaign_id = $1",
+            "SELECT buckets_done, parts_total, recipients, batches_done, sent, skipped, failed \
+             FROM campaign_progress WHERE campaign_id = $1",
             vec![campaign_id.into()],
         ))
         .one(&self.db)
         .await?;
-        let p = P::find_by_statement(stmt(
-            &self.db,
-            "SELECT COUNT(*) AS batches_done, CAST(SUM(sent) AS BIGINT) AS sent, \
-             CAST(SUM(skipped) AS BIGINT) AS skipped, CAST(SUM(failed) AS BIGINT) AS failed \
-             FROM campaign_batch WHERE campaign_id = $1",
-            vec![campaign_id.into()],
-        ))
-        .one(&self.db)
-        .await?;
-        let mut out = Progress::default();
-        if let Some(b) = b {
-            out.buckets_done = b.buckets_done;
-            out.parts_total = b.parts_total.unwrap_or(0);
-            out.recipients = b.recipients.unwrap_or(0);
-        }
-        if let Some(p) = p {
-            out.batches_done = p.batches_done;
-            out.sent = p.sent.unwrap_or(0);
-            out.skipped = p.skipped.unwrap_or(0);
-            out.failed = p.failed.unwrap_or(0);
-        }
-        Ok(out)
+        Ok(row.map_or_else(Progress::default, |r| Progress {
+            buckets_done: r.buckets_done,
+            parts_total: r.parts_total,
+            recipients: r.recipients,
+            batches_done: r.batches_done,
+            sent: r.sent,
+            skipped: r.skipped,
+            failed: r.failed,
+        }))
     }
 
     /// Moves a running campaign to a final state with its counters; true if this call did it.

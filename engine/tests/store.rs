@@ -127,6 +127,61 @@ async fn batch_records_on(db: DatabaseConnection) {
     assert_eq!(p.batches_done, 4);
     assert_eq!(p.sent, 100 + 90 + 80 + 70);
     assert_eq!(p.skipped, 10 + 20 + 30);
+
+    // Buckets count once each, whatever their repeats say.
+    let now = Utc::now();
+    store.record_bucket(id, 0, 2, 200, now).await.unwrap();
+    store.record_bucket(id, 1, 1, 100, now).await.unwrap();
+    store.record_bucket(id, 0, 5, 999, now).await.unwrap();
+    let p = store.progress(id).await.unwrap();
+    assert_eq!((p.buckets_done, p.parts_total, p.recipients), (2, 3, 300));
+
+    // Eight writers racing over overlapping batches of a second campaign: each batch counts
+    // once, and the counters match sums over the rows.
+    let (other, _) = store
+        .insert_campaign(&campaign("r2"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..8i64)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for round in 0..10i64 {
+                    let batches: Vec<BatchRecord> = (0..16i64)
+                        .map(|k| record(other, (w + round + k) % 40, 0, (k % 7) as i32 * 10))
+                        .collect();
+                    store.record_batches(&batches).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let p = store.progress(other).await.unwrap();
+    #[derive(sea_orm::FromQueryResult)]
+    struct Sums {
+        n: i64,
+        sent: i64,
+        skipped: i64,
+    }
+    let sums = Sums::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "SELECT COUNT(*) AS n, CAST(SUM(sent) AS BIGINT) AS sent, \
+         CAST(SUM(skipped) AS BIGINT) AS skipped FROM campaign_batch WHERE campaign_id = $1",
+        vec![other.into()],
+    ))
+    .one(&db)
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(sums.n, 32, "buckets 0..=31");
+    assert_eq!(
+        (p.batches_done, p.sent, p.skipped),
+        (sums.n, sums.sent, sums.skipped)
+    );
+    // The first campaign's counters did not move.
+    assert_eq!(store.progress(id).await.unwrap().batches_done, 4);
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //!
 //! [`Migrator`] lists the migrations in order: the membership reference tables, the
 //! marketing reference tables, herald's own campaign bookkeeping, the coupon delivery columns,
-//! then an index for segment bounds. Run
+//! then an index for segment bounds, and running progress counters per campaign. Run
 //! `Migrator::up(&db, None)` to create every table and `Migrator::down(&db, None)` to drop
 //! them again. Table and column names are a contract with the rest of the workspace.
 
@@ -13,6 +13,7 @@ mod m20261121_000002_marketing;
 mod m20261121_000003_campaign;
 mod m20261121_000004_coupon_delivery;
 mod m20261121_000005_segment_index;
+mod m20261121_000006_campaign_progress;
 
 /// Applies and rolls back herald's schema migrations, oldest first.
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000003_campaign::Migration),
             Box::new(m20261121_000004_coupon_delivery::Migration),
             Box::new(m20261121_000005_segment_index::Migration),
+            Box::new(m20261121_000006_campaign_progress::Migration),
         ]
     }
 }

@@ -221,6 +221,19 @@ const SCHEMA: &[TableSpec] = &[
         ],
     ),
     (
+        "campaign_progress",
+        &[
+            ("campaign_id", BIGINT, No),
+            ("buckets_done", BIGINT, No),
+            ("parts_total", BIGINT, No),
+            ("recipients", BIGINT, No),
+            ("batches_done", BIGINT, No),
+            ("sent", BIGINT, No),
+            ("skipped", BIGINT, No),
+            ("failed", BIGINT, No),
+        ],
+    ),
+    (
         "campaign_failure",
         &[
             ("id", BIGINT, No),
@@ -563,4 +576,53 @@ async fn postgres_up_down() {
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
+}
+
+#[tokio::test]
+async fn progress_counters_start_from_the_records_of_earlier_campaigns() {
+    // A database migrated before campaign_progress existed, with a campaign half done.
+    let db = Database::connect("sqlite::memory:")
+        .await
+        .expect("open in-memory sqlite");
+    Migrator::up(&db, Some(5)).await.expect("migrate up to 5");
+    for sql in [
+        format!(
+            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, \
+             title, body, audience, status, dedupe_key, created_at) \
+             VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'running', 'k', {T})"
+        ),
+        format!(
+            "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
+             VALUES (1, 0, 2, 150, {T}), (1, 1, 1, 40, {T})"
+        ),
+        format!(
+            "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
+             failed, done_at) VALUES (1, 0, 0, 100, 90, 8, 2, {T}), (1, 1, 0, 40, 40, 0, 0, {T})"
+        ),
+    ] {
+        db.execute_unprepared(&sql).await.expect("insert");
+    }
+    Migrator::up(&db, None).await.expect("migrate up");
+    let row = db
+        .query_one(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT buckets_done, parts_total, recipients, batches_done, sent, skipped, failed \
+             FROM campaign_progress WHERE campaign_id = 1",
+        ))
+        .await
+        .expect("select progress")
+        .expect("a progress row for the earlier campaign");
+    let got: Vec<i64> = [
+        "buckets_done",
+        "parts_total",
+        "recipients",
+        "batches_done",
+        "sent",
+        "skipped",
+        "failed",
+    ]
+    .iter()
+    .map(|c| row.try_get::<i64>("", c).expect(c))
+    .collect();
+    assert_eq!(got, vec![2, 3, 190, 2, 130, 8, 2]);
 }

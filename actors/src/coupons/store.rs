@@ -16,7 +16,7 @@ use sea_orm::{
     TransactionTrait, Value,
 };
 
-use crate::store::{audience_sql, batch_records_stmt, stmt, BatchRecord, Store};
+use crate::store::{audience_sql, record_batches_in, stmt, BatchRecord, Store};
 
 /// Pairs per insert statement (two placeholders each).
 const INSERT_CHUNK: usize = 500;
@@ -563,8 +563,5 @@ async fn record(
         failed: 0,
         done_at: now,
     };
-    if let Some(insert) = batch_records_stmt(txn.get_database_backend(), &[done]) {
-        txn.execute(insert).await?;
-    }
-    Ok(())
+    record_batches_in(txn, &[done]).await
 }
