@@ -243,6 +243,18 @@ struct Increment {
     failed: i64,
 }
 
+/// The upsert that adds one row of increments (the `excluded` row) to a campaign's counters.
+const ADD_PROGRESS: &str = "INSERT INTO campaign_progress (campaign_id, buckets_done, \
+     parts_total, recipients, batches_done, sent, skipped, failed) {rows} \
+     ON CONFLICT (campaign_id) DO UPDATE SET \
+     buckets_done = campaign_progress.buckets_done + excluded.buckets_done, \
+     parts_total = campaign_progress.parts_total + excluded.parts_total, \
+     recipients = campaign_progress.recipients + excluded.recipients, \
+     batches_done = campaign_progress.batches_done + excluded.batches_done, \
+     sent = campaign_progress.sent + excluded.sent, \
+     skipped = campaign_progress.skipped + excluded.skipped, \
+     failed = campaign_progress.failed + excluded.failed";
+
 /// Adds `inc` to a campaign's progress row, creating it at the first record.
 async fn add_progress<C: ConnectionTrait>(
     conn: &C,
@@ -251,16 +263,7 @@ async fn add_progress<C: ConnectionTrait>(
 ) -> Result<(), DbErr> {
     conn.execute(Statement::from_sql_and_values(
         conn.get_database_backend(),
-        "INSERT INTO campaign_progress (campaign_id, buckets_done, parts_total, recipients, \
-         batches_done, sent, skipped, failed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (campaign_id) DO UPDATE SET \
-         buckets_done = campaign_progress.buckets_done + excluded.buckets_done, \
-         parts_total = campaign_progress.parts_total + excluded.parts_total, \
-         recipients = campaign_progress.recipients + excluded.recipients, \
-         batches_done = campaign_progress.batches_done + excluded.batches_done, \
-         sent = campaign_progress.sent + excluded.sent, \
-         skipped = campaign_progress.skipped + excluded.skipped, \
-         failed = campaign_progress.failed + excluded.failed",
+        ADD_PROGRESS.replace("{rows}", "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
         vec![
             campaign_id.into(),
             inc.buckets_done.into(),
@@ -276,8 +279,25 @@ async fn add_progress<C: ConnectionTrait>(
     Ok(())
 }
 
+/// On PostgreSQL, `insert` (which returns the rows it inserted) and the counters it adds up
+/// to as one statement: one round trip, atomic without a transaction of ours, and the
+/// progress row locked only for that statement. `counts` selects the increments per
+/// campaign from the inserted rows, `ins`.
+fn with_progress(insert: Statement, counts: &str) -> Statement {
+    let sql = format!(
+        "WITH ins AS ({}) {}",
+        insert.sql,
+        ADD_PROGRESS.replace(
+            "{rows}",
+            &format!("{counts} FROM ins GROUP BY campaign_id ORDER BY campaign_id")
+        )
+    );
+    Statement { sql, ..insert }
+}
+
 /// Records finished push batches and adds the ones not recorded before to their campaigns'
-/// progress. Run it inside a transaction, so the rows and the counters move together.
+/// progress. On SQLite, run it inside a transaction, so the rows and the counters move
+/// together; on PostgreSQL it is one statement.
 pub(crate) async fn record_batches_in<C: ConnectionTrait>(
     conn: &C,
     batches: &[BatchRecord],
@@ -285,6 +305,14 @@ pub(crate) async fn record_batches_in<C: ConnectionTrait>(
     let Some(insert) = batch_records_stmt(conn.get_database_backend(), batches) else {
         return Ok(());
     };
+    if conn.get_database_backend() == DbBackend::Postgres {
+        conn.execute(with_progress(
+            insert,
+            "SELECT campaign_id, 0, 0, 0, COUNT(*), SUM(sent), SUM(skipped), SUM(failed)",
+        ))
+        .await?;
+        return Ok(());
+    }
     // Sorted by campaign, so concurrent transactions lock progress rows in one order.
     let mut by_campaign: std::collections::BTreeMap<i64, Increment> = Default::default();
     for row in conn.query_all(insert).await? {
@@ -589,22 +617,30 @@ impl Store {
         recipients: i64,
         now: DateTime<Utc>,
     ) -> Result<(), DbErr> {
+        let insert = stmt(
+            &self.db,
+            "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING \
+             RETURNING campaign_id, parts, recipients",
+            vec![
+                campaign_id.into(),
+                bucket.into(),
+                parts.into(),
+                recipients.into(),
+                now.into(),
+            ],
+        );
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            self.db
+                .execute(with_progress(
+                    insert,
+                    "SELECT campaign_id, COUNT(*), SUM(parts), SUM(recipients), 0, 0, 0, 0",
+                ))
+                .await?;
+            return Ok(());
+        }
         let txn = self.db.begin().await?;
-        let inserted = txn
-            .query_one(stmt(
-                &self.db,
-                "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING bucket",
-                vec![
-                    campaign_id.into(),
-                    bucket.into(),
-                    parts.into(),
-                    recipients.into(),
-                    now.into(),
-                ],
-            ))
-            .await?;
-        if inserted.is_some() {
+        if txn.query_one(insert).await?.is_some() {
             let inc = Increment {
                 buckets_done: 1,
                 parts_total: i64::from(parts),
@@ -621,6 +657,9 @@ impl Store {
     pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<(), DbErr> {
         if batches.is_empty() {
             return Ok(());
+        }
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            return record_batches_in(&self.db, batches).await;
         }
         let txn = self.db.begin().await?;
         record_batches_in(&txn, batches).await?;
