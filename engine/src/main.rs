@@ -65,7 +65,7 @@ enum Command {
 #[derive(Subcommand)]
 enum UsersCommand {
     /// Append N users to membership_account (with membership_point and membership_filter),
-    /// then refresh the tables' statistics (ANALYZE).
+    /// then vacuum them and refresh their statistics (VACUUM (ANALYZE)).
     Seed {
         /// How many users to add.
         #[arg(long)]
