@@ -75,8 +75,9 @@ struct Args {
     /// (api.own_thread = false), to compare.
     #[arg(long)]
     api_shared_runtime: bool,
-    /// How often each campaign supervisor checks progress (pipeline.progress_interval_ms).
-    #[arg(long, default_value_t = 250)]
+    /// How often each campaign supervisor checks progress (pipeline.progress_interval_ms);
+    /// a check reads two rows.
+    #[arg(long, default_value_t = 100)]
     progress_ms: u64,
     /// Skip the baseline scenarios.
     #[arg(long)]
