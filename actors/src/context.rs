@@ -78,7 +78,8 @@ pub struct PipelineSettings {
     pub event_batch_size: usize,
     /// How often a node writes the database's active lazy coupons into Redis.
     pub coupon_sync_interval: Duration,
-    /// Provider calls in flight on this node, all campaigns together.
+    /// Pushes in flight to providers on this node, all campaigns together (a batch call
+    /// holds one permit per push).
     pub send_concurrency: usize,
     /// Tries per recipient within one delivery of a batch before the batch is retried later.
     pub send_attempts: u32,

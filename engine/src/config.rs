@@ -207,7 +207,7 @@ pub struct PipelineConfig {
     pub publish_max_messages: usize,
     /// Bytes per publish batch.
     pub publish_max_bytes: usize,
-    /// Provider calls in flight on this node.
+    /// Pushes in flight to providers on this node (a batch call holds one per push).
     pub send_concurrency: usize,
     /// Tries per recipient within one delivery of a batch.
     pub send_attempts: u32,
