@@ -138,8 +138,8 @@ pub struct CampaignInsert<'a> {
     pub since: DateTime<Utc>,
 }
 
-/// Counters of a campaign, summed from its bucket and batch records.
-#[derive(Debug, Clone, Default, PartialEq, FromQueryResult)]
+/// Counters of a campaign (its `campaign_progress` row), or increments to add to them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, FromQueryResult)]
 pub struct Progress {
     /// Buckets expanded.
     pub buckets_done: i64,
@@ -231,18 +231,6 @@ fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) -> Option<Sta
     Some(Statement::from_sql_and_values(backend, sql, values))
 }
 
-/// Counters to add to a campaign's `campaign_progress` row.
-#[derive(Debug, Default, Clone, Copy)]
-struct Increment {
-    buckets_done: i64,
-    parts_total: i64,
-    recipients: i64,
-    batches_done: i64,
-    sent: i64,
-    skipped: i64,
-    failed: i64,
-}
-
 /// The upsert that adds one row of increments (the `excluded` row) to a campaign's counters.
 const ADD_PROGRESS: &str = "INSERT INTO campaign_progress (campaign_id, buckets_done, \
      parts_total, recipients, batches_done, sent, skipped, failed) {rows} \
@@ -259,7 +247,7 @@ const ADD_PROGRESS: &str = "INSERT INTO campaign_progress (campaign_id, buckets_
 async fn add_progress<C: ConnectionTrait>(
     conn: &C,
     campaign_id: i64,
-    inc: Increment,
+    inc: Progress,
 ) -> Result<(), DbErr> {
     conn.execute(Statement::from_sql_and_values(
         conn.get_database_backend(),
@@ -314,7 +302,7 @@ pub(crate) async fn record_batches_in<C: ConnectionTrait>(
         return Ok(());
     }
     // Sorted by campaign, so concurrent transactions lock progress rows in one order.
-    let mut by_campaign: std::collections::BTreeMap<i64, Increment> = Default::default();
+    let mut by_campaign: std::collections::BTreeMap<i64, Progress> = Default::default();
     for row in conn.query_all(insert).await? {
         let inc = by_campaign
             .entry(row.try_get::<i64>("", "campaign_id")?)
@@ -641,11 +629,11 @@ impl Store {
         }
         let txn = self.db.begin().await?;
         if txn.query_one(insert).await?.is_some() {
-            let inc = Increment {
+            let inc = Progress {
                 buckets_done: 1,
                 parts_total: i64::from(parts),
                 recipients,
-                ..Increment::default()
+                ..Progress::default()
             };
             add_progress(&txn, campaign_id, inc).await?;
         }
@@ -700,17 +688,7 @@ impl Store {
 
     /// A campaign's progress: its counters row (zeros before its first record).
     pub async fn progress(&self, campaign_id: i64) -> Result<Progress, DbErr> {
-        #[derive(FromQueryResult)]
-        struct Row {
-            buckets_done: i64,
-            parts_total: i64,
-            recipients: i64,
-            batches_done: i64,
-            sent: i64,
-            skipped: i64,
-            failed: i64,
-        }
-        let row = Row::find_by_statement(stmt(
+        let row = Progress::find_by_statement(stmt(
             &self.db,
             "SELECT buckets_done, parts_total, recipients, batches_done, sent, skipped, failed \
              FROM campaign_progress WHERE campaign_id = $1",
@@ -718,15 +696,7 @@ impl Store {
         ))
         .one(&self.db)
         .await?;
-        Ok(row.map_or_else(Progress::default, |r| Progress {
-            buckets_done: r.buckets_done,
-            parts_total: r.parts_total,
-            recipients: r.recipients,
-            batches_done: r.batches_done,
-            sent: r.sent,
-            skipped: r.skipped,
-            failed: r.failed,
-        }))
+        Ok(row.unwrap_or_default())
     }
 
     /// Moves a running campaign to a final state with its counters; true if this call did it.
