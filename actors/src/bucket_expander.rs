@@ -13,7 +13,7 @@ use crate::{
     context::{Shared, StageSettings},
     markers::block_of,
     stage::Stage,
-    store::Campaign,
+    store::{BucketRecord, Campaign},
 };
 
 /// Expands the buckets of one campaign.
@@ -67,15 +67,16 @@ impl BucketExpander {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        let record = BucketRecord {
+            campaign_id: task.campaign_id,
+            bucket: task.bucket,
+            parts,
+            recipients: users.len() as i64,
+            done_at: chrono::Utc::now(),
+        };
         self.shared
-            .store
-            .record_bucket(
-                task.campaign_id,
-                task.bucket,
-                parts,
-                users.len() as i64,
-                chrono::Utc::now(),
-            )
+            .bucket_records
+            .call(record)
             .await
             .map_err(|e| format!("database: {e}"))?;
         Ok(())

@@ -10,7 +10,7 @@ use crate::{
     coupons::ActiveCoupons,
     markers::Markers,
     provider::Providers,
-    store::{BatchRecord, Store},
+    store::{BatchRecord, BucketRecord, Store},
 };
 
 /// How one stage pulls and retries.
@@ -140,11 +140,12 @@ impl Default for PipelineSettings {
     }
 }
 
-/// Finished batches waiting to be recorded, at most.
+/// Records (finished batches, expanded buckets) waiting to be written, at most, per kind.
 const RECORD_QUEUE: usize = 4096;
-/// Batches per insert, at most.
+/// Records per insert, at most.
 const RECORD_GROUP: usize = 128;
-/// Inserts of batch records in flight: one connection each, so fan-out work keeps the rest.
+/// Inserts of one kind of record in flight: one connection each, so fan-out work keeps the
+/// rest.
 const RECORD_STATEMENTS: usize = 4;
 
 /// Everything a node's actors share.
@@ -170,6 +171,28 @@ pub struct Shared {
     /// Records finished push batches of every campaign on this node, grouped into
     /// multi-row inserts.
     pub batch_records: Batcher<BatchRecord, ()>,
+    /// Records expanded buckets the same way.
+    pub bucket_records: Batcher<BucketRecord, ()>,
+}
+
+/// A batcher of records: concurrent calls go to the database as one `record` call, at most
+/// `RECORD_GROUP` rows and `RECORD_STATEMENTS` statements at once.
+fn recorder<T, F, Fut>(store: Store, record: F) -> Batcher<T, ()>
+where
+    T: Send + 'static,
+    F: Fn(Store, Vec<T>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), sea_orm::DbErr>> + Send + 'static,
+{
+    Batcher::start(
+        RECORD_QUEUE,
+        RECORD_GROUP,
+        RECORD_STATEMENTS,
+        move |rows: Vec<T>| {
+            let n = rows.len();
+            let done = record(store.clone(), rows);
+            async move { done.await.map(|()| vec![(); n]).map_err(|e| e.to_string()) }
+        },
+    )
 }
 
 impl Shared {
@@ -189,24 +212,17 @@ impl Shared {
             &topology.subjects().redis_prefix(),
             settings.claim_ttl,
         );
-        let records = store.clone();
-        let batch_records = Batcher::start(
-            RECORD_QUEUE,
-            RECORD_GROUP,
-            RECORD_STATEMENTS,
-            move |batches: Vec<BatchRecord>| {
-                let store = records.clone();
-                async move {
-                    store
-                        .record_batches(&batches)
-                        .await
-                        .map(|()| vec![(); batches.len()])
-                        .map_err(|e| e.to_string())
-                }
-            },
+        let batch_records = recorder(
+            store.clone(),
+            |store, batches: Vec<BatchRecord>| async move { store.record_batches(&batches).await },
+        );
+        let bucket_records = recorder(
+            store.clone(),
+            |store, buckets: Vec<BucketRecord>| async move { store.record_buckets(&buckets).await },
         );
         Arc::new(Self {
             batch_records,
+            bucket_records,
             node_id,
             nats,
             topology,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement,
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, QueryResult, Statement,
     TransactionTrait, Value,
 };
 
@@ -127,6 +127,21 @@ pub struct BatchRecord {
     pub done_at: DateTime<Utc>,
 }
 
+/// An expanded bucket: how many push batches and users it gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketRecord {
+    /// Campaign.
+    pub campaign_id: i64,
+    /// Bucket.
+    pub bucket: i64,
+    /// Push batches it was expanded into.
+    pub parts: i32,
+    /// Users in the bucket.
+    pub recipients: i64,
+    /// When it was expanded.
+    pub done_at: DateTime<Utc>,
+}
+
 /// One campaign of [`Store::insert_campaigns`].
 #[derive(Debug, Clone, Copy)]
 pub struct CampaignInsert<'a> {
@@ -196,39 +211,73 @@ pub(crate) fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> St
     Statement::from_sql_and_values(db.get_database_backend(), sql, values)
 }
 
-/// The insert of finished push batches, or None for none; a batch recorded before is left
-/// as it is, and the rows actually inserted come back. Padded to a power of two with repeats
-/// of the first row (ON CONFLICT DO NOTHING skips them), so the statement takes few shapes
-/// and each connection plans it once.
-fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) -> Option<Statement> {
-    let first = batches.first()?;
-    let rows = batches.len().next_power_of_two();
-    let mut sql = String::from(
-        "INSERT INTO campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, \
-         failed, done_at) VALUES ",
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(rows * 8);
-    for i in 0..rows {
-        let b = batches.get(i).unwrap_or(first);
-        let n = values.len();
+/// A multi-row `INSERT INTO {into} VALUES … ON CONFLICT DO NOTHING RETURNING {returning}`
+/// of `rows`, or None for none: a row recorded before is left as it is, and the rows
+/// actually inserted come back. Padded to a power of two with repeats of the first row
+/// (ON CONFLICT DO NOTHING skips them), so the statement takes few shapes and each
+/// connection plans it once.
+fn records_stmt<T>(
+    backend: DbBackend,
+    into: &str,
+    returning: &str,
+    rows: &[T],
+    values: impl Fn(&T) -> Vec<Value>,
+) -> Option<Statement> {
+    let first = rows.first()?;
+    let count = rows.len().next_power_of_two();
+    let mut sql = format!("INSERT INTO {into} VALUES ");
+    let mut all: Vec<Value> = Vec::new();
+    for i in 0..count {
+        let row = values(rows.get(i).unwrap_or(first));
+        let n = all.len();
         if i > 0 {
             sql.push_str(", ");
         }
-        let row: Vec<String> = (n + 1..=n + 8).map(|k| format!("${k}")).collect();
-        sql.push_str(&format!("({})", row.join(", ")));
-        values.extend([
-            b.campaign_id.into(),
-            b.bucket.into(),
-            b.part.into(),
-            b.recipients.into(),
-            b.sent.into(),
-            b.skipped.into(),
-            b.failed.into(),
-            b.done_at.into(),
-        ]);
+        let marks: Vec<String> = (n + 1..=n + row.len()).map(|k| format!("${k}")).collect();
+        sql.push_str(&format!("({})", marks.join(", ")));
+        all.extend(row);
     }
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING campaign_id, sent, skipped, failed");
-    Some(Statement::from_sql_and_values(backend, sql, values))
+    sql.push_str(&format!(" ON CONFLICT DO NOTHING RETURNING {returning}"));
+    Some(Statement::from_sql_and_values(backend, sql, all))
+}
+
+fn batch_records_stmt(backend: DbBackend, batches: &[BatchRecord]) -> Option<Statement> {
+    records_stmt(
+        backend,
+        "campaign_batch (campaign_id, bucket, part, recipients, sent, skipped, failed, done_at)",
+        "campaign_id, sent, skipped, failed",
+        batches,
+        |b| {
+            vec![
+                b.campaign_id.into(),
+                b.bucket.into(),
+                b.part.into(),
+                b.recipients.into(),
+                b.sent.into(),
+                b.skipped.into(),
+                b.failed.into(),
+                b.done_at.into(),
+            ]
+        },
+    )
+}
+
+fn bucket_records_stmt(backend: DbBackend, buckets: &[BucketRecord]) -> Option<Statement> {
+    records_stmt(
+        backend,
+        "campaign_bucket (campaign_id, bucket, parts, recipients, done_at)",
+        "campaign_id, parts, recipients",
+        buckets,
+        |b| {
+            vec![
+                b.campaign_id.into(),
+                b.bucket.into(),
+                b.parts.into(),
+                b.recipients.into(),
+                b.done_at.into(),
+            ]
+        },
+    )
 }
 
 /// The upsert that adds one row of increments (the `excluded` row) to a campaign's counters.
@@ -283,22 +332,40 @@ fn with_progress(insert: Statement, counts: &str) -> Statement {
     Statement { sql, ..insert }
 }
 
-/// Records finished push batches and adds the ones not recorded before to their campaigns'
-/// progress. On SQLite, run it inside a transaction, so the rows and the counters move
-/// together; on PostgreSQL it is one statement.
-pub(crate) async fn record_batches_in<C: ConnectionTrait>(
+/// What a batch record adds to its campaign's counters: in SQL over the inserted rows
+/// (`ins`), and in Rust per returned row.
+const BATCH_COUNTS: &str =
+    "SELECT campaign_id, 0, 0, 0, COUNT(*), SUM(sent), SUM(skipped), SUM(failed)";
+
+fn count_batch(row: &QueryResult, inc: &mut Progress) -> Result<(), DbErr> {
+    inc.batches_done += 1;
+    inc.sent += i64::from(row.try_get::<i32>("", "sent")?);
+    inc.skipped += i64::from(row.try_get::<i32>("", "skipped")?);
+    inc.failed += i64::from(row.try_get::<i32>("", "failed")?);
+    Ok(())
+}
+
+/// What a bucket record adds to its campaign's counters, as [`BATCH_COUNTS`].
+const BUCKET_COUNTS: &str = "SELECT campaign_id, COUNT(*), SUM(parts), SUM(recipients), 0, 0, 0, 0";
+
+fn count_bucket(row: &QueryResult, inc: &mut Progress) -> Result<(), DbErr> {
+    inc.buckets_done += 1;
+    inc.parts_total += i64::from(row.try_get::<i32>("", "parts")?);
+    inc.recipients += row.try_get::<i64>("", "recipients")?;
+    Ok(())
+}
+
+/// Runs a records `insert` and adds the rows it inserted to their campaigns' progress. On
+/// PostgreSQL that is one statement; on SQLite run it inside a transaction, so the rows
+/// and the counters move together.
+async fn record_in<C: ConnectionTrait>(
     conn: &C,
-    batches: &[BatchRecord],
+    insert: Statement,
+    counts: &str,
+    count: fn(&QueryResult, &mut Progress) -> Result<(), DbErr>,
 ) -> Result<(), DbErr> {
-    let Some(insert) = batch_records_stmt(conn.get_database_backend(), batches) else {
-        return Ok(());
-    };
     if conn.get_database_backend() == DbBackend::Postgres {
-        conn.execute(with_progress(
-            insert,
-            "SELECT campaign_id, 0, 0, 0, COUNT(*), SUM(sent), SUM(skipped), SUM(failed)",
-        ))
-        .await?;
+        conn.execute(with_progress(insert, counts)).await?;
         return Ok(());
     }
     // Sorted by campaign, so concurrent transactions lock progress rows in one order.
@@ -307,15 +374,24 @@ pub(crate) async fn record_batches_in<C: ConnectionTrait>(
         let inc = by_campaign
             .entry(row.try_get::<i64>("", "campaign_id")?)
             .or_default();
-        inc.batches_done += 1;
-        inc.sent += i64::from(row.try_get::<i32>("", "sent")?);
-        inc.skipped += i64::from(row.try_get::<i32>("", "skipped")?);
-        inc.failed += i64::from(row.try_get::<i32>("", "failed")?);
+        count(&row, inc)?;
     }
     for (campaign_id, inc) in by_campaign {
         add_progress(conn, campaign_id, inc).await?;
     }
     Ok(())
+}
+
+/// Records finished push batches and adds the ones not recorded before to their campaigns'
+/// progress, on `conn` (a transaction of the caller's on SQLite).
+pub(crate) async fn record_batches_in<C: ConnectionTrait>(
+    conn: &C,
+    batches: &[BatchRecord],
+) -> Result<(), DbErr> {
+    match batch_records_stmt(conn.get_database_backend(), batches) {
+        Some(insert) => record_in(conn, insert, BATCH_COUNTS, count_batch).await,
+        None => Ok(()),
+    }
 }
 
 impl Store {
@@ -595,62 +671,36 @@ impl Store {
         Ok(ids)
     }
 
-    /// Records that a bucket was expanded into `parts` push batches, and counts it in the
-    /// campaign's progress the first time.
-    pub async fn record_bucket(
-        &self,
-        campaign_id: i64,
-        bucket: i64,
-        parts: i32,
-        recipients: i64,
-        now: DateTime<Utc>,
-    ) -> Result<(), DbErr> {
-        let insert = stmt(
-            &self.db,
-            "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING \
-             RETURNING campaign_id, parts, recipients",
-            vec![
-                campaign_id.into(),
-                bucket.into(),
-                parts.into(),
-                recipients.into(),
-                now.into(),
-            ],
-        );
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            self.db
-                .execute(with_progress(
-                    insert,
-                    "SELECT campaign_id, COUNT(*), SUM(parts), SUM(recipients), 0, 0, 0, 0",
-                ))
-                .await?;
-            return Ok(());
+    /// Records expanded buckets, one multi-row insert, and their campaigns' progress; a
+    /// bucket recorded before is left as it is and counted once.
+    pub async fn record_buckets(&self, buckets: &[BucketRecord]) -> Result<(), DbErr> {
+        match bucket_records_stmt(self.db.get_database_backend(), buckets) {
+            Some(insert) => self.record(insert, BUCKET_COUNTS, count_bucket).await,
+            None => Ok(()),
         }
-        let txn = self.db.begin().await?;
-        if txn.query_one(insert).await?.is_some() {
-            let inc = Progress {
-                buckets_done: 1,
-                parts_total: i64::from(parts),
-                recipients,
-                ..Progress::default()
-            };
-            add_progress(&txn, campaign_id, inc).await?;
-        }
-        txn.commit().await
     }
 
-    /// Records finished push batches, one multi-row insert, and their campaigns' progress,
-    /// in one transaction; a batch recorded before is left as it is and counted once.
+    /// Records finished push batches, one multi-row insert, and their campaigns' progress;
+    /// a batch recorded before is left as it is and counted once.
     pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<(), DbErr> {
-        if batches.is_empty() {
-            return Ok(());
+        match batch_records_stmt(self.db.get_database_backend(), batches) {
+            Some(insert) => self.record(insert, BATCH_COUNTS, count_batch).await,
+            None => Ok(()),
         }
+    }
+
+    /// [`record_in`] on its own on PostgreSQL, in a transaction on SQLite.
+    async fn record(
+        &self,
+        insert: Statement,
+        counts: &str,
+        count: fn(&QueryResult, &mut Progress) -> Result<(), DbErr>,
+    ) -> Result<(), DbErr> {
         if self.db.get_database_backend() == DbBackend::Postgres {
-            return record_batches_in(&self.db, batches).await;
+            return record_in(&self.db, insert, counts, count).await;
         }
         let txn = self.db.begin().await?;
-        record_batches_in(&txn, batches).await?;
+        record_in(&txn, insert, counts, count).await?;
         txn.commit().await
     }
 

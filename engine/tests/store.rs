@@ -5,7 +5,7 @@
 
 use chrono::{Duration as Span, Utc};
 use herald_engine::{
-    actors::store::{BatchRecord, CampaignInsert, NewCampaign, Store},
+    actors::store::{BatchRecord, BucketRecord, CampaignInsert, NewCampaign, Store},
     schemas::{Audience, InformType, SegmentFilter},
     testkit::TestEnv,
 };
@@ -128,11 +128,22 @@ async fn batch_records_on(db: DatabaseConnection) {
     assert_eq!(p.sent, 100 + 90 + 80 + 70);
     assert_eq!(p.skipped, 10 + 20 + 30);
 
-    // Buckets count once each, whatever their repeats say.
+    // Buckets count once each, whatever their repeats say: within one grouped insert and
+    // across two.
     let now = Utc::now();
-    store.record_bucket(id, 0, 2, 200, now).await.unwrap();
-    store.record_bucket(id, 1, 1, 100, now).await.unwrap();
-    store.record_bucket(id, 0, 5, 999, now).await.unwrap();
+    let bucket = |bucket, parts, recipients| BucketRecord {
+        campaign_id: id,
+        bucket,
+        parts,
+        recipients,
+        done_at: now,
+    };
+    store
+        .record_buckets(&[bucket(0, 2, 200), bucket(1, 1, 100), bucket(0, 5, 999)])
+        .await
+        .unwrap();
+    store.record_buckets(&[bucket(1, 7, 7)]).await.unwrap();
+    store.record_buckets(&[]).await.unwrap();
     let p = store.progress(id).await.unwrap();
     assert_eq!((p.buckets_done, p.parts_total, p.recipients), (2, 3, 300));
 
