@@ -161,7 +161,7 @@ impl PushSender {
         );
         let field = format!("{}:{}", batch.bucket, batch.part);
         // A user listed twice is still one recipient and one send.
-        let mut users = batch.user_ids.clone();
+        let mut users = batch.user_ids;
         users.sort_unstable();
         users.dedup();
         let states = markers

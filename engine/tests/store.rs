@@ -195,34 +195,46 @@ async fn batch_records_on(db: DatabaseConnection) {
     assert_eq!(store.progress(id).await.unwrap().batches_done, 4);
 }
 
+/// An in-memory SQLite database, one connection.
+async fn sqlite() -> DatabaseConnection {
+    herald_engine::engine::connect_db("sqlite::memory:", 1)
+        .await
+        .unwrap()
+}
+
+/// Runs `body` on a PostgreSQL database of its own, then drops the database, also when
+/// `body` panics.
+async fn on_postgres<F, Fut>(name: &str, body: F)
+where
+    F: FnOnce(DatabaseConnection) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let env = TestEnv::new(name).await.unwrap();
+    let outcome = tokio::spawn(body(env.db.clone())).await;
+    env.cleanup().await.unwrap();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 #[tokio::test]
 async fn batch_insert_on_sqlite() {
-    let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
-        .await
-        .unwrap();
-    batch_insert_on(db).await;
+    batch_insert_on(sqlite().await).await;
 }
 
 #[tokio::test]
 async fn batch_records_on_sqlite() {
-    let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
-        .await
-        .unwrap();
-    batch_records_on(db).await;
+    batch_records_on(sqlite().await).await;
 }
 
 #[tokio::test]
 async fn batch_records_on_postgres() {
-    let env = TestEnv::new("storerecords").await.unwrap();
-    batch_records_on(env.db.clone()).await;
-    env.cleanup().await.unwrap();
+    on_postgres("storerecords", batch_records_on).await;
 }
 
 #[tokio::test]
 async fn batch_insert_on_postgres() {
-    let env = TestEnv::new("storebatch").await.unwrap();
-    batch_insert_on(env.db.clone()).await;
-    env.cleanup().await.unwrap();
+    on_postgres("storebatch", batch_insert_on).await;
 }
 
 // After a bulk load the planner needs statistics: without them a segment's bounds query
@@ -307,15 +319,10 @@ async fn bucket_users_on(db: DatabaseConnection) {
 
 #[tokio::test]
 async fn bucket_users_on_sqlite() {
-    let db = herald_engine::engine::connect_db("sqlite::memory:", 1)
-        .await
-        .unwrap();
-    bucket_users_on(db).await;
+    bucket_users_on(sqlite().await).await;
 }
 
 #[tokio::test]
 async fn bucket_users_on_postgres() {
-    let env = TestEnv::new("storebucket").await.unwrap();
-    bucket_users_on(env.db.clone()).await;
-    env.cleanup().await.unwrap();
+    on_postgres("storebucket", bucket_users_on).await;
 }

@@ -96,11 +96,8 @@ impl Provider for SimulatedProvider {
     }
 
     async fn send(&self, push: &Push) -> Result<(), SendError> {
-        self.ledger.record_attempt();
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
-        self.outcome(push)
+        let mut one = self.send_batch(std::slice::from_ref(push)).await;
+        one.pop().expect("one result per push")
     }
 
     /// One call for the whole batch, as a batch endpoint takes: one latency, then each push
