@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 use crate::{
     batcher::Batcher,
     coupons::ActiveCoupons,
-    markers::Markers,
+    markers::{CampaignRef, Markers},
     provider::Providers,
     store::{BatchRecord, BucketRecord, Store},
 };
@@ -169,10 +169,19 @@ pub struct Shared {
     /// Bounds provider calls in flight on this node.
     pub send_permits: Arc<Semaphore>,
     /// Records finished push batches of every campaign on this node, grouped into
-    /// multi-row inserts.
-    pub batch_records: Batcher<BatchRecord, ()>,
+    /// multi-row inserts, then drops the group's running totals from Redis.
+    pub batch_records: Batcher<FinishedBatch, ()>,
     /// Records expanded buckets the same way.
     pub bucket_records: Batcher<BucketRecord, ()>,
+}
+
+/// A push batch to record, and the campaign whose running totals in Redis it leaves.
+#[derive(Debug, Clone)]
+pub struct FinishedBatch {
+    /// The row.
+    pub record: BatchRecord,
+    /// The campaign, as Redis names it.
+    pub campaign: CampaignRef,
 }
 
 /// A batcher of records: concurrent calls go to the database as one `record` call, at most
@@ -212,10 +221,25 @@ impl Shared {
             &topology.subjects().redis_prefix(),
             settings.claim_ttl,
         );
-        let batch_records = recorder(
-            store.clone(),
-            |store, batches: Vec<BatchRecord>| async move { store.record_batches(&batches).await },
-        );
+        let forget = markers.clone();
+        let batch_records = recorder(store.clone(), move |store, batches: Vec<FinishedBatch>| {
+            let markers = forget.clone();
+            async move {
+                let rows: Vec<BatchRecord> = batches.iter().map(|b| b.record.clone()).collect();
+                store.record_batches(&rows).await?;
+                // Recorded: the totals are never read again. Dropping them for the whole
+                // group saves a Redis call per batch; a failure only leaves them until the
+                // campaign's markers are deleted.
+                let fields: Vec<(CampaignRef, String)> = batches
+                    .iter()
+                    .map(|b| (b.campaign, format!("{}:{}", b.record.bucket, b.record.part)))
+                    .collect();
+                if let Err(e) = markers.forget_batches(&fields).await {
+                    tracing::debug!(error = %e, "dropping batch totals failed; they go with the campaign");
+                }
+                Ok(())
+            }
+        });
         let bucket_records = recorder(
             store.clone(),
             |store, buckets: Vec<BucketRecord>| async move { store.record_buckets(&buckets).await },

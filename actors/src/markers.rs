@@ -536,21 +536,32 @@ impl Markers {
         Ok(())
     }
 
-    /// Drops a finished batch's running totals: once the batch is recorded in the database
-    /// they are never read again, and keeping them would grow Redis with the campaign.
-    pub async fn forget_batch(
+    /// Drops finished batches' running totals (`field` is a batch's `bucket:part`): once the
+    /// batches are recorded in the database the totals are never read again, and keeping
+    /// them would grow Redis with the campaign. One `HDEL` per campaign in the list.
+    pub async fn forget_batches(
         &self,
-        campaign: impl Into<CampaignRef>,
-        batch_field: &str,
+        batches: &[(CampaignRef, String)],
     ) -> Result<(), MarkerError> {
-        let campaign: CampaignRef = campaign.into();
-        let _: i64 = self
-            .client
-            .hdel(
-                self.progress_key(campaign),
-                vec![format!("{batch_field}:s"), format!("{batch_field}:f")],
-            )
-            .await?;
+        let mut by_campaign: Vec<(CampaignRef, Vec<String>)> = Vec::new();
+        for (campaign, field) in batches {
+            let fields = match by_campaign.iter_mut().find(|(c, _)| c == campaign) {
+                Some((_, fields)) => fields,
+                None => {
+                    by_campaign.push((*campaign, Vec::new()));
+                    &mut by_campaign.last_mut().expect("just pushed").1
+                }
+            };
+            fields.push(format!("{field}:s"));
+            fields.push(format!("{field}:f"));
+        }
+        let dels = by_campaign.into_iter().map(|(campaign, fields)| {
+            let key = self.progress_key(campaign);
+            async move { self.client.hdel::<i64, _, _>(key, fields).await }
+        });
+        for done in futures::future::join_all(dels).await {
+            done?;
+        }
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use herald_nats::{Delivery, Outcome};
 use herald_schemas::{decode, PushBatch, Subjects};
 
 use crate::{
+    context::FinishedBatch,
     context::{Shared, StageSettings},
     markers::{CampaignRef, ClaimState, Release, Settled},
     provider::{Provider, Push, SendError},
@@ -275,11 +276,12 @@ impl PushSender {
             failed: total_failed as i32,
             done_at: chrono::Utc::now(),
         };
-        settle_with_retries(|| async { self.shared.batch_records.call(record.clone()).await })
+        let finished = FinishedBatch {
+            record,
+            campaign: scope,
+        };
+        settle_with_retries(|| async { self.shared.batch_records.call(finished.clone()).await })
             .await?;
-        if let Err(e) = markers.forget_batch(scope, &field).await {
-            tracing::debug!(campaign_id = cid, error = %e, "dropping batch totals failed; they expire");
-        }
         Ok(Outcome::Done)
     }
 }

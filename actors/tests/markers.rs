@@ -15,7 +15,9 @@ use fred::{
     types::CustomCommand,
 };
 use futures::{StreamExt, TryStreamExt};
-use herald_actors::markers::{block_of, connect, ClaimState, Markers, Release, Settled, BLOCK_IDS};
+use herald_actors::markers::{
+    block_of, connect, CampaignRef, ClaimState, Markers, Release, Settled, BLOCK_IDS,
+};
 
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
 const CAMPAIGN: i64 = 42;
@@ -293,6 +295,51 @@ async fn sent_and_failed_totals_are_separate() {
                 .await
                 .unwrap(),
             3
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forgetting_batches_drops_only_their_totals_in_every_campaign_named() {
+    with_markers(Duration::from_secs(30), |m, _| async move {
+        let other = CampaignRef {
+            id: CAMPAIGN + 1,
+            epoch: 7,
+        };
+        m.confirm(CAMPAIGN, "1:0", Settled::Sent, &[1, 2])
+            .await
+            .unwrap();
+        m.confirm(CAMPAIGN, "1:0", Settled::Failed, &[3])
+            .await
+            .unwrap();
+        m.confirm(CAMPAIGN, "1:1", Settled::Sent, &[40])
+            .await
+            .unwrap();
+        m.confirm(other, "1:0", Settled::Sent, &[1, 2, 3])
+            .await
+            .unwrap();
+        m.forget_batches(&[(CAMPAIGN.into(), "1:0".into()), (other, "1:0".into())])
+            .await
+            .unwrap();
+        // The forgotten totals start again from nothing; the other batch keeps its own.
+        for (campaign, kind) in [
+            (CampaignRef::from(CAMPAIGN), Settled::Sent),
+            (CAMPAIGN.into(), Settled::Failed),
+            (other, Settled::Sent),
+        ] {
+            assert_eq!(m.confirm(campaign, "1:0", kind, &[]).await.unwrap(), 0);
+        }
+        assert_eq!(
+            m.confirm(CAMPAIGN, "1:1", Settled::Sent, &[])
+                .await
+                .unwrap(),
+            1
+        );
+        // The users stay done: only the running totals went.
+        assert_eq!(
+            m.claim(CAMPAIGN, &[1, 2, 3], "z").await.unwrap(),
+            all(ClaimState::Done, 3)
         );
     })
     .await;

@@ -82,6 +82,10 @@ struct Args {
     /// Skip the baseline scenarios.
     #[arg(long)]
     skip_baseline: bool,
+    /// Run the pushes and the baselines this many times, interleaved (herald, then the
+    /// baseline, each round); the table shows the median round and every round's ratio.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Run only the create-latency scenario (for quick iteration).
     #[arg(long)]
     only_create: bool,
@@ -224,6 +228,17 @@ async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
     Ok(result)
 }
 
+/// The index of the median value (the lower middle of an even count).
+fn median_index(values: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    order[(order.len().max(1) - 1) / 2]
+}
+
+fn median(values: &[f64]) -> f64 {
+    values[median_index(values)]
+}
+
 fn mb(b: i64) -> f64 {
     b as f64 / 1_048_576.0
 }
@@ -349,37 +364,51 @@ async fn main() -> anyhow::Result<()> {
     let seed_secs = t.elapsed().as_secs_f64();
     eprintln!("seeded {} users in {seed_secs:.1}s", args.users);
 
-    eprintln!("push with {} ms provider latency ...", args.latency_ms);
-    let slow = push(&env, &args, "latency", args.latency_ms).await?;
-    eprintln!("push with 0 ms provider latency ...");
-    let fast = push(&env, &args, "zero", 0).await?;
-
+    let rounds = args.rounds.max(1);
     let base_users = args.baseline_users.unwrap_or(args.users.min(200_000));
-    let baseline = if args.skip_baseline {
-        None
-    } else {
-        eprintln!("baseline (one message and GET+SET per user), {base_users} users ...");
-        let in_flight = args.push_concurrency * 100;
-        let slow_b = baseline::run(
-            &env.nats,
-            &env.config.redis.url,
-            &env.prefix,
-            base_users,
-            args.latency_ms,
-            in_flight.min(args.send_concurrency),
-        )
-        .await?;
-        let fast_b = baseline::run(
-            &env.nats,
-            &env.config.redis.url,
-            &env.prefix,
-            base_users,
-            0,
-            in_flight.min(args.send_concurrency),
-        )
-        .await?;
-        Some((slow_b, fast_b))
-    };
+    let in_flight = (args.push_concurrency * 100).min(args.send_concurrency);
+    let mut slows = Vec::new();
+    let mut fasts = Vec::new();
+    let mut bases = Vec::new();
+    for round in 1..=rounds {
+        let tag = if rounds > 1 {
+            format!("round {round}/{rounds}: ")
+        } else {
+            String::new()
+        };
+        eprintln!("{tag}push with {} ms provider latency ...", args.latency_ms);
+        slows.push(push(&env, &args, &format!("latency {round}"), args.latency_ms).await?);
+        eprintln!("{tag}push with 0 ms provider latency ...");
+        fasts.push(push(&env, &args, &format!("zero {round}"), 0).await?);
+        for r in [&slows[round - 1], &fasts[round - 1]] {
+            eprintln!(
+                "  {:.0} users/s, {:.2} µs per user, peak RSS {:.1} MB",
+                r.sent as f64 / r.seconds.max(1e-9),
+                r.cpu.total() * 1e6 / r.sent.max(1) as f64,
+                mb(r.peak_rss as i64)
+            );
+        }
+        if !args.skip_baseline {
+            eprintln!("{tag}baseline (one message and GET+SET per user), {base_users} users ...");
+            let mut pair = Vec::new();
+            for latency in [args.latency_ms, 0] {
+                pair.push(
+                    baseline::run(
+                        &env.nats,
+                        &env.config.redis.url,
+                        &env.prefix,
+                        base_users,
+                        latency,
+                        in_flight,
+                    )
+                    .await?,
+                );
+            }
+            let fast_b = pair.pop().expect("two baseline runs");
+            let slow_b = pair.pop().expect("two baseline runs");
+            bases.push((slow_b, fast_b));
+        }
+    }
 
     eprintln!(
         "create latency, {} requesters x {} ...",
@@ -425,18 +454,25 @@ async fn main() -> anyhow::Result<()> {
 
     let n = args.users as f64;
     let rate = |secs: f64, users: f64| users / secs.max(1e-9);
+    let push_rate = |r: &PushResult| rate(r.seconds, r.sent as f64);
+    let base_rate = |b: &baseline::BaselineResult| rate(b.seconds, b.users as f64);
+    let slow = &slows[median_index(&slows.iter().map(push_rate).collect::<Vec<_>>())];
+    let fast = &fasts[median_index(&fasts.iter().map(push_rate).collect::<Vec<_>>())];
     println!();
     println!("herald benchmark: {} users, {} cores", args.users, cores());
+    if rounds > 1 {
+        println!("(the median of {rounds} rounds; every round's ratio is under the table)");
+    }
     print_columns();
     for (label, r) in [
-        (format!("push, provider {} ms", args.latency_ms), &slow),
-        ("push, provider 0 ms".to_string(), &fast),
+        (format!("push, provider {} ms", args.latency_ms), slow),
+        ("push, provider 0 ms".to_string(), fast),
     ] {
         println!(
             "{:<34} {:>10.1} {:>12.0} {:>9.1} {:>8.1}MB {:>9.2}MB {:>6} {:>6}",
             label,
             r.seconds,
-            rate(r.seconds, r.sent as f64),
+            push_rate(r),
             r.cpu.engine,
             mb(r.peak_rss as i64),
             mb(r.redis_added),
@@ -450,23 +486,39 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let mut json_baseline = json!(null);
-    if let Some((b200, b0)) = &baseline {
-        for (label, b, ours) in [
+    let mut ratio_lines = Vec::new();
+    if !bases.is_empty() {
+        // Each round's ratio is herald's push over the baseline of the same round.
+        let ratios = |ours: &[PushResult],
+                      pick: fn(
+            &(baseline::BaselineResult, baseline::BaselineResult),
+        ) -> &baseline::BaselineResult| {
+            ours.iter()
+                .zip(&bases)
+                .map(|(o, b)| push_rate(o) / base_rate(pick(b)))
+                .collect::<Vec<f64>>()
+        };
+        let ratio_latency = ratios(&slows, |b| &b.0);
+        let ratio_zero = ratios(&fasts, |b| &b.1);
+        let slow_b =
+            &bases[median_index(&bases.iter().map(|b| base_rate(&b.0)).collect::<Vec<_>>())].0;
+        let fast_b =
+            &bases[median_index(&bases.iter().map(|b| base_rate(&b.1)).collect::<Vec<_>>())].1;
+        for (label, b, ratio) in [
             (
                 format!("baseline, provider {} ms", args.latency_ms),
-                b200,
-                &slow,
+                slow_b,
+                &ratio_latency,
             ),
-            ("baseline, provider 0 ms".to_string(), b0, &fast),
+            ("baseline, provider 0 ms".to_string(), fast_b, &ratio_zero),
         ] {
-            let br = rate(b.seconds, b.users as f64);
             println!(
                 "{:<34} {:>10.1} {:>12.0} {:>9.1}   herald is {:.1}x  ({} users, {} dups)",
                 label,
                 b.seconds,
-                br,
+                base_rate(b),
                 b.cpu.engine,
-                rate(ours.seconds, ours.sent as f64) / br,
+                median(ratio),
                 b.users,
                 b.ledger.duplicates()
             );
@@ -476,14 +528,30 @@ async fn main() -> anyhow::Result<()> {
                 b.cpu.micros_per(b.users as f64)
             );
         }
+        if rounds > 1 {
+            let list = |r: &[f64]| {
+                r.iter()
+                    .map(|x| format!("{x:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            ratio_lines.push(format!(
+                "ratio per round: {} ms: {}; 0 ms: {}",
+                args.latency_ms,
+                list(&ratio_latency),
+                list(&ratio_zero)
+            ));
+        }
         json_baseline = json!({
             "users": base_users,
-            "latency_users_per_s": rate(b200.seconds, b200.users as f64),
-            "zero_users_per_s": rate(b0.seconds, b0.users as f64),
-            "ratio_latency": rate(slow.seconds, slow.sent as f64) / rate(b200.seconds, b200.users as f64),
-            "ratio_zero": rate(fast.seconds, fast.sent as f64) / rate(b0.seconds, b0.users as f64),
-            "latency_cpu_seconds_by_process": b200.cpu.json(),
-            "zero_cpu_seconds_by_process": b0.cpu.json(),
+            "latency_users_per_s": base_rate(slow_b),
+            "zero_users_per_s": base_rate(fast_b),
+            "ratio_latency": median(&ratio_latency),
+            "ratio_zero": median(&ratio_zero),
+            "ratio_latency_per_round": ratio_latency,
+            "ratio_zero_per_round": ratio_zero,
+            "latency_cpu_seconds_by_process": slow_b.cpu.json(),
+            "zero_cpu_seconds_by_process": fast_b.cpu.json(),
         });
     }
     for (label, l) in [
@@ -492,6 +560,9 @@ async fn main() -> anyhow::Result<()> {
         ("floor: request/reply, no-op reply", &lat_floor),
     ] {
         println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
+    }
+    for line in &ratio_lines {
+        println!("{line}");
     }
     println!(
         "{:<34} {:>10.1} {:>12.0}   ({} msgs of {} B, {:.0} msgs/s)",
@@ -508,8 +579,11 @@ async fn main() -> anyhow::Result<()> {
     let line = json!({
         "users": args.users,
         "seed_seconds": seed_secs,
-        "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": rate(slow.seconds, slow.sent as f64), "cpu_seconds": slow.cpu.engine, "cpu_seconds_by_process": slow.cpu.json(), "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
-        "push_zero": {"seconds": fast.seconds, "users_per_s": rate(fast.seconds, fast.sent as f64), "cpu_seconds": fast.cpu.engine, "cpu_seconds_by_process": fast.cpu.json(), "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
+        "rounds": rounds,
+        "push_latency_users_per_s_per_round": slows.iter().map(push_rate).collect::<Vec<_>>(),
+        "push_zero_users_per_s_per_round": fasts.iter().map(push_rate).collect::<Vec<_>>(),
+        "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": push_rate(slow), "cpu_seconds": slow.cpu.engine, "cpu_seconds_by_process": slow.cpu.json(), "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
+        "push_zero": {"seconds": fast.seconds, "users_per_s": push_rate(fast), "cpu_seconds": fast.cpu.engine, "cpu_seconds_by_process": fast.cpu.json(), "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
         "baseline": json_baseline,
         "create_latency_ms": lat.json(),
         "create_latency_api_only_ms": lat_api.json(),
