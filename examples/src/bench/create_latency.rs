@@ -1,5 +1,8 @@
-//! Latency of `campaign.create` under concurrent requesters, each sending its requests one
-//! after another. The campaigns target an empty segment so the fan-out is trivial.
+//! Latency of `campaign.create` under concurrent requesters. By default each requester sends
+//! its requests back to back (a closed loop: the machine is saturated, and latency is the
+//! queue in front of it). With a rate, the requesters are paced (an open loop): each request
+//! has a scheduled time, and a requester that fell behind its schedule is charged for the
+//! wait. The campaigns target an empty segment so the fan-out is trivial.
 //!
 //! [`floor`] runs the same requesters against a responder that only decodes the body and
 //! replies: the request/reply round trip through NATS on this machine, below which no create
@@ -8,6 +11,9 @@
 use std::time::{Duration, Instant};
 
 use herald_engine::schemas::Subjects;
+
+/// How late tokio's timer may fire on its own (its resolution is a millisecond).
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 /// Sorted latencies.
 pub struct Latencies(pub Vec<Duration>);
@@ -46,17 +52,20 @@ pub async fn run(
     nats: &async_nats::Client,
     subjects: &Subjects,
     tag: &str,
-    requesters: usize,
-    per_requester: usize,
+    load: Load,
 ) -> anyhow::Result<Latencies> {
-    run_on(
-        nats,
-        subjects.api_campaign_create(),
-        tag,
-        requesters,
-        per_requester,
-    )
-    .await
+    run_on(nats, subjects.api_campaign_create(), tag, load).await
+}
+
+/// How many requesters send how many requests each, and how fast.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Concurrent requesters.
+    pub requesters: usize,
+    /// Requests per requester.
+    pub per_requester: usize,
+    /// Requests per second over all requesters; None sends back to back.
+    pub rate: Option<f64>,
 }
 
 /// The requesters against a no-op responder on its own connection to `nats_url`, on a
@@ -65,8 +74,7 @@ pub async fn floor(
     nats: &async_nats::Client,
     nats_url: &str,
     prefix: &str,
-    requesters: usize,
-    per_requester: usize,
+    load: Load,
 ) -> anyhow::Result<Latencies> {
     let subject = format!("{prefix}.bench.floor");
     let responder = async_nats::connect(nats_url).await?;
@@ -90,7 +98,7 @@ pub async fn floor(
         anyhow::ensure!(tries < 100, "the no-op responder never answered");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let lat = run_on(nats, subject, "floor", requesters, per_requester).await;
+    let lat = run_on(nats, subject, "floor", load).await;
     serve.abort();
     lat
 }
@@ -99,10 +107,17 @@ async fn run_on(
     nats: &async_nats::Client,
     subject: String,
     tag: &str,
-    requesters: usize,
-    per_requester: usize,
+    load: Load,
 ) -> anyhow::Result<Latencies> {
+    let Load {
+        requesters,
+        per_requester,
+        rate,
+    } = load;
     let run_id = std::process::id();
+    // Paced: requester r sends its i-th request at start + (i * requesters + r) / rate.
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let gap = rate.map(|rate| Duration::from_secs_f64(1.0 / rate.max(1e-3)));
     let mut tasks = Vec::new();
     for r in 0..requesters {
         let nats = nats.clone();
@@ -119,9 +134,21 @@ async fn run_on(
                     "audience": {"type": "segment", "min_points": 1_000_000_000}
                 });
                 let payload = serde_json::to_vec(&body)?;
+                // A paced request that starts late because this requester was still
+                // waiting for its previous reply is charged for the delay; tokio's timer
+                // fires up to a millisecond late by itself, and that is not charged.
+                let mut late = Duration::ZERO;
+                if let Some(gap) = gap {
+                    let at = start + gap * (i * requesters + r) as u32;
+                    tokio::time::sleep_until(at).await;
+                    let behind = at.elapsed();
+                    if behind > TIMER_SLACK {
+                        late = behind;
+                    }
+                }
                 let t = Instant::now();
                 let reply = nats.request(subject.clone(), payload.into()).await?;
-                out.push(t.elapsed());
+                out.push(t.elapsed() + late);
                 let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
                 anyhow::ensure!(v["ok"] == serde_json::json!(true), "create failed: {v}");
                 anyhow::ensure!(

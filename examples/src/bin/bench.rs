@@ -62,6 +62,10 @@ struct Args {
     /// Requests per requester.
     #[arg(long, default_value_t = 20)]
     requests_each: usize,
+    /// Also measure create latency with the requesters paced at this many creates per second
+    /// in all (an open loop, latency counted from each request's scheduled time); 0 skips it.
+    #[arg(long, default_value_t = 2000.0)]
+    create_rate: f64,
     /// Event batches one node handles at once (pipeline.events.concurrency; default: config).
     #[arg(long)]
     event_concurrency: Option<usize>,
@@ -205,14 +209,26 @@ async fn push(
     })
 }
 
+/// The create-latency load: back to back, or paced at `--create-rate`.
+fn load(args: &Args, paced: bool) -> create_latency::Load {
+    create_latency::Load {
+        requesters: args.requesters,
+        per_requester: args.requests_each,
+        rate: paced.then_some(args.create_rate),
+    }
+}
+
 /// The create-latency requesters against a no-op responder: the request/reply floor.
-async fn floor(env: &TestEnv, args: &Args) -> anyhow::Result<create_latency::Latencies> {
+async fn floor(
+    env: &TestEnv,
+    args: &Args,
+    paced: bool,
+) -> anyhow::Result<create_latency::Latencies> {
     create_latency::floor(
         &env.nats,
         &env.config.nats.url,
         &env.prefix,
-        args.requesters,
-        args.requests_each,
+        load(args, paced),
     )
     .await
 }
@@ -322,22 +338,35 @@ async fn main() -> anyhow::Result<()> {
         config.node.run_pipeline = !args.api_only;
         let engine = Engine::builder(config).start().await?;
         let cpu0 = proc::CpuSnapshot::now();
-        let lat = create_latency::run(
-            &env.nats,
-            &env.subjects(),
-            if args.api_only { "api" } else { "full" },
-            args.requesters,
-            args.requests_each,
-        )
-        .await?;
+        let tag = if args.api_only { "api" } else { "full" };
+        let lat = create_latency::run(&env.nats, &env.subjects(), tag, load(&args, false)).await?;
         let cpu = proc::CpuSnapshot::since(&cpu0);
+        let paced = if args.create_rate > 0.0 {
+            let tag = format!("{tag} paced");
+            Some(create_latency::run(&env.nats, &env.subjects(), &tag, load(&args, true)).await?)
+        } else {
+            None
+        };
         engine.shutdown().await?;
         let cpu1 = proc::CpuSnapshot::now();
-        let floor = floor(&env, &args).await?;
+        let floor_closed = floor(&env, &args, false).await?;
         let floor_cpu = proc::CpuSnapshot::since(&cpu1);
-        for (label, l) in [("create latency", &lat), ("floor: no-op reply", &floor)] {
+        let floor_paced = match paced {
+            Some(_) => Some(floor(&env, &args, true).await?),
+            None => None,
+        };
+        let pace = format!("paced {:.0}/s", args.create_rate);
+        let mut rows = vec![
+            ("create latency".to_string(), &lat),
+            ("floor: no-op reply".to_string(), &floor_closed),
+        ];
+        if let (Some(p), Some(f)) = (&paced, &floor_paced) {
+            rows.push((format!("create latency, {pace}"), p));
+            rows.push((format!("floor, {pace}"), f));
+        }
+        for (label, l) in rows {
             println!(
-                "{label:<20} {}  ({} requesters x {})",
+                "{label:<30} {}  ({} requesters x {})",
                 l.summary(),
                 args.requesters,
                 args.requests_each
@@ -349,7 +378,7 @@ async fn main() -> anyhow::Result<()> {
         );
         println!(
             "cpu µs per no-op request (the same requesters):          {}",
-            floor_cpu.micros_per(floor.0.len() as f64)
+            floor_cpu.micros_per(floor_closed.0.len() as f64)
         );
         env.cleanup().await?;
         return Ok(());
@@ -415,29 +444,27 @@ async fn main() -> anyhow::Result<()> {
         args.requesters, args.requests_each
     );
     let engine = Engine::builder(bench_config(&env, &args)).start().await?;
-    let lat = create_latency::run(
-        &env.nats,
-        &env.subjects(),
-        "full",
-        args.requesters,
-        args.requests_each,
-    )
-    .await?;
+    let lat = create_latency::run(&env.nats, &env.subjects(), "full", load(&args, false)).await?;
     engine.shutdown().await?;
     // The same on a node that serves only the API: the request path without fan-out load.
     let mut api_only = bench_config(&env, &args);
     api_only.node.run_pipeline = false;
     let engine = Engine::builder(api_only).start().await?;
-    let lat_api = create_latency::run(
-        &env.nats,
-        &env.subjects(),
-        "api",
-        args.requesters,
-        args.requests_each,
-    )
-    .await?;
+    let lat_api =
+        create_latency::run(&env.nats, &env.subjects(), "api", load(&args, false)).await?;
+    let paced = args.create_rate > 0.0;
+    let lat_api_paced = if paced {
+        Some(create_latency::run(&env.nats, &env.subjects(), "api paced", load(&args, true)).await?)
+    } else {
+        None
+    };
     engine.shutdown().await?;
-    let lat_floor = floor(&env, &args).await?;
+    let lat_floor = floor(&env, &args, false).await?;
+    let lat_floor_paced = if paced {
+        Some(floor(&env, &args, true).await?)
+    } else {
+        None
+    };
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
@@ -554,11 +581,16 @@ async fn main() -> anyhow::Result<()> {
             "zero_cpu_seconds_by_process": fast_b.cpu.json(),
         });
     }
-    for (label, l) in [
-        ("create latency", &lat),
-        ("create latency, API-only node", &lat_api),
-        ("floor: request/reply, no-op reply", &lat_floor),
-    ] {
+    let mut rows = vec![
+        ("create latency".to_string(), &lat),
+        ("create latency, API-only node".to_string(), &lat_api),
+        ("floor: request/reply, no-op reply".to_string(), &lat_floor),
+    ];
+    if let (Some(p), Some(f)) = (&lat_api_paced, &lat_floor_paced) {
+        rows.push((format!("API-only, paced {:.0}/s", args.create_rate), p));
+        rows.push((format!("floor, paced {:.0}/s", args.create_rate), f));
+    }
+    for (label, l) in rows {
         println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
     }
     for line in &ratio_lines {
@@ -588,6 +620,9 @@ async fn main() -> anyhow::Result<()> {
         "create_latency_ms": lat.json(),
         "create_latency_api_only_ms": lat_api.json(),
         "request_reply_floor_ms": lat_floor.json(),
+        "create_rate_per_s": paced.then_some(args.create_rate),
+        "create_latency_api_only_paced_ms": lat_api_paced.as_ref().map(|l| l.json()),
+        "request_reply_floor_paced_ms": lat_floor_paced.as_ref().map(|l| l.json()),
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
         "logins": login.as_ref().map(|r| r.json()),
     });
