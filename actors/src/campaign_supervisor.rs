@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use async_trait::async_trait;
 use herald_schemas::{CampaignKind, CampaignState};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tokio::task::JoinHandle;
+use tokio::{sync::broadcast, task::JoinHandle};
 
 use crate::{
     bucket_expander::BucketExpander,
@@ -53,6 +53,7 @@ pub struct SupervisorState {
     restarts: HashMap<Child, u32>,
     missing: Vec<Child>,
     ticker: Option<JoinHandle<()>>,
+    listener: Option<JoinHandle<()>>,
     stopping: bool,
     delete_consumers: bool,
 }
@@ -118,7 +119,7 @@ impl CampaignSupervisor {
             return Ok(());
         };
         let p = store.progress(id).await?;
-        if p.buckets_done < total || p.batches_done < p.parts_total {
+        if !p.is_complete(total) {
             return Ok(());
         }
         let won = store
@@ -183,6 +184,29 @@ impl CampaignSupervisor {
     }
 }
 
+/// Turns this node's completion notices for campaign `id` into immediate progress checks;
+/// the periodic check still covers completions recorded on other nodes.
+fn listen_for_completion(
+    myself: &ActorRef<SupervisorMsg>,
+    mut completed: broadcast::Receiver<i64>,
+    id: i64,
+) -> JoinHandle<()> {
+    let myself = myself.clone();
+    tokio::spawn(async move {
+        loop {
+            let ours = match completed.recv().await {
+                Ok(done) => done == id,
+                // Notices were dropped while this listener lagged: one may have been ours.
+                Err(broadcast::error::RecvError::Lagged(_)) => true,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if ours && myself.send_message(SupervisorMsg::Tick).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 async fn spawn_stage<S: Stage>(
     stage: S,
     shared: Arc<Shared>,
@@ -223,6 +247,9 @@ impl Actor for CampaignSupervisor {
         if campaign.status.is_final() {
             return Err(format!("campaign {} is {}", campaign.id, campaign.status.as_str()).into());
         }
+        // Listening before the stages start, so no completion notice is missed.
+        let listener =
+            listen_for_completion(&myself, args.shared.maybe_complete.subscribe(), campaign.id);
         let mut state = SupervisorState {
             shared: args.shared.clone(),
             campaign: Arc::new(campaign),
@@ -230,6 +257,7 @@ impl Actor for CampaignSupervisor {
             restarts: HashMap::new(),
             missing: vec![Child::Sender, Child::Expander, Child::Sharder],
             ticker: None,
+            listener: Some(listener),
             stopping: false,
             delete_consumers: false,
         };
@@ -318,8 +346,11 @@ impl Actor for CampaignSupervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         state.stopping = true;
-        if let Some(t) = state.ticker.take() {
-            t.abort();
+        for task in [state.ticker.take(), state.listener.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
         myself
             .stop_children_and_wait(

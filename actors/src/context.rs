@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use herald_nats::{ConsumeSettings, StageConsumer, Topology};
-use tokio::sync::Semaphore;
+use tokio::sync::{broadcast, Semaphore};
 
 use crate::{
     batcher::Batcher,
@@ -173,7 +173,14 @@ pub struct Shared {
     pub batch_records: Batcher<FinishedBatch, ()>,
     /// Records expanded buckets the same way.
     pub bucket_records: Batcher<BucketRecord, ()>,
+    /// Ids of campaigns that may have just completed (a record on this node made them
+    /// complete, or the sharder found nothing to send): their supervisors here check at
+    /// once instead of at their next progress check.
+    pub maybe_complete: broadcast::Sender<i64>,
 }
+
+/// Completions waiting for slow supervisors; one that falls behind checks at once.
+const COMPLETED_QUEUE: usize = 256;
 
 /// A push batch to record, and the campaign whose running totals in Redis it leaves.
 #[derive(Debug, Clone)]
@@ -186,11 +193,12 @@ pub struct FinishedBatch {
 
 /// A batcher of records: concurrent calls go to the database as one `record` call, at most
 /// `RECORD_GROUP` rows and `RECORD_STATEMENTS` statements at once.
-fn recorder<T, F, Fut>(store: Store, record: F) -> Batcher<T, ()>
+/// The campaigns a group made complete are announced on `completed`.
+fn recorder<T, F, Fut>(store: Store, completed: broadcast::Sender<i64>, record: F) -> Batcher<T, ()>
 where
     T: Send + 'static,
     F: Fn(Store, Vec<T>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(), sea_orm::DbErr>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<i64>, sea_orm::DbErr>> + Send + 'static,
 {
     Batcher::start(
         RECORD_QUEUE,
@@ -199,7 +207,14 @@ where
         move |rows: Vec<T>| {
             let n = rows.len();
             let done = record(store.clone(), rows);
-            async move { done.await.map(|()| vec![(); n]).map_err(|e| e.to_string()) }
+            let completed = completed.clone();
+            async move {
+                for campaign_id in done.await.map_err(|e| e.to_string())? {
+                    // No supervisor listening is fine: none runs that campaign here.
+                    let _ = completed.send(campaign_id);
+                }
+                Ok(vec![(); n])
+            }
         },
     )
 }
@@ -221,32 +236,39 @@ impl Shared {
             &topology.subjects().redis_prefix(),
             settings.claim_ttl,
         );
+        let (completed, _) = broadcast::channel(COMPLETED_QUEUE);
         let forget = markers.clone();
-        let batch_records = recorder(store.clone(), move |store, batches: Vec<FinishedBatch>| {
-            let markers = forget.clone();
-            async move {
-                let rows: Vec<BatchRecord> = batches.iter().map(|b| b.record.clone()).collect();
-                store.record_batches(&rows).await?;
-                // Recorded: the totals are never read again. Dropping them for the whole
-                // group saves a Redis call per batch; a failure only leaves them until the
-                // campaign's markers are deleted.
-                let fields: Vec<(CampaignRef, String)> = batches
-                    .iter()
-                    .map(|b| (b.campaign, format!("{}:{}", b.record.bucket, b.record.part)))
-                    .collect();
-                if let Err(e) = markers.forget_batches(&fields).await {
-                    tracing::debug!(error = %e, "dropping batch totals failed; they go with the campaign");
+        let batch_records = recorder(
+            store.clone(),
+            completed.clone(),
+            move |store, batches: Vec<FinishedBatch>| {
+                let markers = forget.clone();
+                async move {
+                    let rows: Vec<BatchRecord> = batches.iter().map(|b| b.record.clone()).collect();
+                    let complete = store.record_batches(&rows).await?;
+                    // Recorded: the totals are never read again. Dropping them for the whole
+                    // group saves a Redis call per batch; a failure only leaves them until the
+                    // campaign's markers are deleted.
+                    let fields: Vec<(CampaignRef, String)> = batches
+                        .iter()
+                        .map(|b| (b.campaign, format!("{}:{}", b.record.bucket, b.record.part)))
+                        .collect();
+                    if let Err(e) = markers.forget_batches(&fields).await {
+                        tracing::debug!(error = %e, "dropping batch totals failed; they go with the campaign");
+                    }
+                    Ok(complete)
                 }
-                Ok(())
-            }
-        });
+            },
+        );
         let bucket_records = recorder(
             store.clone(),
+            completed.clone(),
             |store, buckets: Vec<BucketRecord>| async move { store.record_buckets(&buckets).await },
         );
         Arc::new(Self {
             batch_records,
             bucket_records,
+            maybe_complete: completed,
             node_id,
             nats,
             topology,

@@ -67,6 +67,9 @@ impl Sharder {
             .set_sharded(campaign.id, buckets, chrono::Utc::now())
             .await
             .map_err(db)?;
+        // An empty audience is complete now, and a small one may have had every record in
+        // before its bucket count: either way the supervisor need not wait for its tick.
+        let _ = self.shared.maybe_complete.send(campaign.id);
         tracing::info!(campaign_id = campaign.id, buckets, "campaign sharded");
         Ok(())
     }

@@ -172,6 +172,18 @@ pub struct Progress {
     pub failed: i64,
 }
 
+impl Progress {
+    /// Whether a campaign sharded into `buckets_total` buckets has every bucket expanded and
+    /// every push batch finished. [`COMPLETE`] says the same in SQL.
+    pub fn is_complete(&self, buckets_total: i64) -> bool {
+        self.buckets_done >= buckets_total && self.batches_done >= self.parts_total
+    }
+}
+
+/// [`Progress::is_complete`] over a progress row `p` and its campaign row `c`.
+const COMPLETE: &str = "c.buckets_total IS NOT NULL AND p.buckets_done >= c.buckets_total \
+     AND p.batches_done >= p.parts_total";
+
 /// Full campaign status for the API.
 #[derive(Debug, Clone, FromQueryResult)]
 pub struct StatusRow {
@@ -319,10 +331,13 @@ async fn add_progress<C: ConnectionTrait>(
 /// On PostgreSQL, `insert` (which returns the rows it inserted) and the counters it adds up
 /// to as one statement: one round trip, atomic without a transaction of ours, and the
 /// progress row locked only for that statement. `counts` selects the increments per
-/// campaign from the inserted rows, `ins`.
+/// campaign from the inserted rows, `ins`. It answers the ids of the campaigns that this
+/// statement made complete, from the counters it wrote.
 fn with_progress(insert: Statement, counts: &str) -> Statement {
     let sql = format!(
-        "WITH ins AS ({}) {}",
+        "WITH ins AS ({}), p AS ({} RETURNING campaign_id, buckets_done, batches_done, \
+         parts_total) SELECT p.campaign_id FROM p JOIN campaign c ON c.id = p.campaign_id \
+         WHERE {COMPLETE}",
         insert.sql,
         ADD_PROGRESS.replace(
             "{rows}",
@@ -357,16 +372,22 @@ fn count_bucket(row: &QueryResult, inc: &mut Progress) -> Result<(), DbErr> {
 
 /// Runs a records `insert` and adds the rows it inserted to their campaigns' progress. On
 /// PostgreSQL that is one statement; on SQLite run it inside a transaction, so the rows
-/// and the counters move together.
+/// and the counters move together. Returns the campaigns this call made complete (only a
+/// call that inserted something can), so their supervisors can finish them at once.
 async fn record_in<C: ConnectionTrait>(
     conn: &C,
     insert: Statement,
     counts: &str,
     count: fn(&QueryResult, &mut Progress) -> Result<(), DbErr>,
-) -> Result<(), DbErr> {
-    if conn.get_database_backend() == DbBackend::Postgres {
-        conn.execute(with_progress(insert, counts)).await?;
-        return Ok(());
+) -> Result<Vec<i64>, DbErr> {
+    let campaign_ids = |rows: Vec<QueryResult>| {
+        rows.iter()
+            .map(|r| r.try_get::<i64>("", "campaign_id"))
+            .collect::<Result<Vec<i64>, DbErr>>()
+    };
+    let backend = conn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        return campaign_ids(conn.query_all(with_progress(insert, counts)).await?);
     }
     // Sorted by campaign, so concurrent transactions lock progress rows in one order.
     let mut by_campaign: std::collections::BTreeMap<i64, Progress> = Default::default();
@@ -376,21 +397,35 @@ async fn record_in<C: ConnectionTrait>(
             .or_default();
         count(&row, inc)?;
     }
+    if by_campaign.is_empty() {
+        return Ok(vec![]);
+    }
+    let ids: Vec<Value> = by_campaign.keys().map(|id| (*id).into()).collect();
     for (campaign_id, inc) in by_campaign {
         add_progress(conn, campaign_id, inc).await?;
     }
-    Ok(())
+    let marks: Vec<String> = (1..=ids.len()).map(|k| format!("${k}")).collect();
+    let complete = format!(
+        "SELECT p.campaign_id FROM campaign_progress p JOIN campaign c ON c.id = p.campaign_id \
+         WHERE p.campaign_id IN ({}) AND {COMPLETE}",
+        marks.join(", ")
+    );
+    campaign_ids(
+        conn.query_all(Statement::from_sql_and_values(backend, complete, ids))
+            .await?,
+    )
 }
 
 /// Records finished push batches and adds the ones not recorded before to their campaigns'
-/// progress, on `conn` (a transaction of the caller's on SQLite).
+/// progress, on `conn` (a transaction of the caller's on SQLite). Returns the campaigns it
+/// made complete.
 pub(crate) async fn record_batches_in<C: ConnectionTrait>(
     conn: &C,
     batches: &[BatchRecord],
-) -> Result<(), DbErr> {
+) -> Result<Vec<i64>, DbErr> {
     match batch_records_stmt(conn.get_database_backend(), batches) {
         Some(insert) => record_in(conn, insert, BATCH_COUNTS, count_batch).await,
-        None => Ok(()),
+        None => Ok(vec![]),
     }
 }
 
@@ -672,20 +707,22 @@ impl Store {
     }
 
     /// Records expanded buckets, one multi-row insert, and their campaigns' progress; a
-    /// bucket recorded before is left as it is and counted once.
-    pub async fn record_buckets(&self, buckets: &[BucketRecord]) -> Result<(), DbErr> {
+    /// bucket recorded before is left as it is and counted once. Returns the campaigns this
+    /// call made complete.
+    pub async fn record_buckets(&self, buckets: &[BucketRecord]) -> Result<Vec<i64>, DbErr> {
         match bucket_records_stmt(self.db.get_database_backend(), buckets) {
             Some(insert) => self.record(insert, BUCKET_COUNTS, count_bucket).await,
-            None => Ok(()),
+            None => Ok(vec![]),
         }
     }
 
     /// Records finished push batches, one multi-row insert, and their campaigns' progress;
-    /// a batch recorded before is left as it is and counted once.
-    pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<(), DbErr> {
+    /// a batch recorded before is left as it is and counted once. Returns the campaigns this
+    /// call made complete.
+    pub async fn record_batches(&self, batches: &[BatchRecord]) -> Result<Vec<i64>, DbErr> {
         match batch_records_stmt(self.db.get_database_backend(), batches) {
             Some(insert) => self.record(insert, BATCH_COUNTS, count_batch).await,
-            None => Ok(()),
+            None => Ok(vec![]),
         }
     }
 
@@ -695,13 +732,14 @@ impl Store {
         insert: Statement,
         counts: &str,
         count: fn(&QueryResult, &mut Progress) -> Result<(), DbErr>,
-    ) -> Result<(), DbErr> {
+    ) -> Result<Vec<i64>, DbErr> {
         if self.db.get_database_backend() == DbBackend::Postgres {
             return record_in(&self.db, insert, counts, count).await;
         }
         let txn = self.db.begin().await?;
-        record_in(&txn, insert, counts, count).await?;
-        txn.commit().await
+        let complete = record_in(&txn, insert, counts, count).await?;
+        txn.commit().await?;
+        Ok(complete)
     }
 
     /// Records users whose push failed for good, with the reason; one multi-row insert.

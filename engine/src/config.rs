@@ -219,7 +219,8 @@ pub struct PipelineConfig {
     pub claim_ttl_secs: u64,
     /// Seconds confirmations are kept (replay horizon).
     pub marker_ttl_secs: u64,
-    /// Milliseconds between completion checks.
+    /// Milliseconds between a supervisor's progress checks (restarts, and completions
+    /// recorded on other nodes; one recorded on the same node is seen at once).
     pub progress_interval_ms: u64,
     /// Restarts of one stage per campaign before the campaign fails.
     pub max_restarts: u32,

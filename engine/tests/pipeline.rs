@@ -86,6 +86,46 @@ async fn ten_thousand_users_get_exactly_one_push_each() {
     env.cleanup().await.unwrap();
 }
 
+// A campaign is finished by the record that completes it (or, for an empty audience, by
+// the sharder), not at the supervisor's next periodic check: here that check is ten minutes
+// away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_complete_without_waiting_for_the_progress_check() {
+    let env = TestEnv::new("prompt").await.unwrap();
+    env.seed(3_000).await.unwrap();
+    let mut config = env.config.clone();
+    config.pipeline.progress_interval_ms = 600_000;
+    let provider = simulated(0);
+    let ledger = provider.ledger();
+    let engine = Engine::builder(config)
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+    let everyone = env.create(&promo("everyone")).await.unwrap().unwrap();
+    let mut empty = promo("nobody");
+    empty.audience = Audience::Segment(herald_engine::schemas::SegmentFilter {
+        member_levels: None,
+        min_points: Some(1_000_000_000),
+        min_active_days: None,
+    });
+    let nobody = env.create(&empty).await.unwrap().unwrap();
+    let within = Duration::from_secs(30);
+    let s = env
+        .wait_completed(everyone.campaign_id, within)
+        .await
+        .unwrap();
+    assert_eq!((s.recipients, s.sent), (3_000, 3_000));
+    assert_eq!(ledger.distinct(), 3_000);
+    let s = env
+        .wait_completed(nobody.campaign_id, within)
+        .await
+        .unwrap();
+    assert_eq!((s.buckets_total, s.recipients, s.sent), (0, 0, 0));
+    engine.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_delivers_exactly_once_through_429_and_503() {
     let env = TestEnv::new("flaky").await.unwrap();

@@ -1,7 +1,8 @@
 //! The campaign store's batch inserts, on SQLite and PostgreSQL: one statement for many
 //! creates, repeats within the batch and within the window recognised, padding rows never
 //! inserted; and finished push batches recorded many per statement, a batch recorded before
-//! left as it was; a bucket's users read as one aggregated row, in order, on both.
+//! left as it was; a record answering the campaigns it completed; a bucket's users read as
+//! one aggregated row, in order, on both.
 
 use chrono::{Duration as Span, Utc};
 use herald_engine::{
@@ -195,6 +196,71 @@ async fn batch_records_on(db: DatabaseConnection) {
     assert_eq!(store.progress(id).await.unwrap().batches_done, 4);
 }
 
+/// A record answers the campaigns it made complete: the one record that brings every
+/// bucket and every batch in, whichever kind it is, and no other.
+async fn completion_on(db: DatabaseConnection) {
+    herald_engine::engine::migrate(&db).await.unwrap();
+    let store = Store::new(db.clone());
+    let (id, _) = store
+        .insert_campaign(&campaign("done"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    let (other, _) = store
+        .insert_campaign(&campaign("other"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    let bucket = |campaign_id, bucket, parts| BucketRecord {
+        campaign_id,
+        bucket,
+        parts,
+        recipients: 100 * i64::from(parts),
+        done_at: Utc::now(),
+    };
+    let none: Vec<i64> = vec![];
+    // Not sharded yet: everything recorded so far is still not complete.
+    assert_eq!(
+        store.record_buckets(&[bucket(id, 0, 2)]).await.unwrap(),
+        none
+    );
+    assert_eq!(
+        store
+            .record_batches(&[record(id, 0, 0, 100), record(id, 0, 1, 100)])
+            .await
+            .unwrap(),
+        none
+    );
+    store.set_sharded(id, 2, Utc::now()).await.unwrap();
+    store.set_sharded(other, 1, Utc::now()).await.unwrap();
+    // The last bucket's batch first, then the bucket itself completes the campaign; the
+    // other campaign's record in the same statement does not complete that one.
+    assert_eq!(
+        store
+            .record_batches(&[record(id, 1, 0, 100), record(other, 0, 0, 100)])
+            .await
+            .unwrap(),
+        none
+    );
+    assert_eq!(
+        store
+            .record_buckets(&[bucket(id, 1, 1), bucket(other, 0, 2)])
+            .await
+            .unwrap(),
+        vec![id]
+    );
+    // A repeat inserts nothing and completes nothing again.
+    assert_eq!(
+        store.record_buckets(&[bucket(id, 1, 1)]).await.unwrap(),
+        none
+    );
+    assert_eq!(
+        store
+            .record_batches(&[record(other, 0, 1, 0)])
+            .await
+            .unwrap(),
+        vec![other]
+    );
+}
+
 /// An in-memory SQLite database, one connection.
 async fn sqlite() -> DatabaseConnection {
     herald_engine::engine::connect_db("sqlite::memory:", 1)
@@ -230,6 +296,16 @@ async fn batch_records_on_sqlite() {
 #[tokio::test]
 async fn batch_records_on_postgres() {
     on_postgres("storerecords", batch_records_on).await;
+}
+
+#[tokio::test]
+async fn a_record_that_completes_its_campaign_says_so_on_sqlite() {
+    completion_on(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn a_record_that_completes_its_campaign_says_so_on_postgres() {
+    on_postgres("storecomplete", completion_on).await;
 }
 
 #[tokio::test]

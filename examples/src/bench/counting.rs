@@ -4,8 +4,8 @@
 //! would dwarf the engine's own memory in the peak-RSS figure.
 
 use std::{
-    sync::atomic::{AtomicU8, Ordering},
-    time::Duration,
+    sync::atomic::{AtomicU64, AtomicU8, Ordering},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -14,6 +14,10 @@ use herald_engine::{Provider, Push, SendError};
 pub struct CountingProvider {
     latency: Duration,
     counts: Vec<AtomicU8>,
+    /// When this provider was made; the two below are microseconds after it (0: none yet).
+    born: Instant,
+    first_call: AtomicU64,
+    last_call_end: AtomicU64,
 }
 
 impl CountingProvider {
@@ -21,7 +25,26 @@ impl CountingProvider {
         Self {
             latency: Duration::from_millis(latency_ms),
             counts: (0..=users).map(|_| AtomicU8::new(0)).collect(),
+            born: Instant::now(),
+            first_call: AtomicU64::new(0),
+            last_call_end: AtomicU64::new(0),
         }
+    }
+
+    /// When the first batch call came in and when the last one ended, if any did.
+    pub fn first_and_last(&self) -> Option<(Instant, Instant)> {
+        let at = |us: u64| self.born + Duration::from_micros(us);
+        match (
+            self.first_call.load(Ordering::Relaxed),
+            self.last_call_end.load(Ordering::Relaxed),
+        ) {
+            (0, _) | (_, 0) => None,
+            (first, last) => Some((at(first), at(last))),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        (self.born.elapsed().as_micros() as u64).max(1)
     }
 
     /// (users with more than one delivery, users with none) among ids 1..=users.
@@ -52,10 +75,19 @@ impl Provider for CountingProvider {
 
     /// One latency for the whole batch, as a provider's batch endpoint takes.
     async fn send_batch(&self, pushes: &[Push]) -> Vec<Result<(), SendError>> {
+        let _ = self.first_call.compare_exchange(
+            0,
+            self.now_us(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        pushes.iter().map(|p| self.count(p)).collect()
+        let out = pushes.iter().map(|p| self.count(p)).collect();
+        self.last_call_end
+            .fetch_max(self.now_us(), Ordering::Relaxed);
+        out
     }
 }
 

@@ -115,6 +115,9 @@ struct Args {
 
 struct PushResult {
     seconds: f64,
+    /// From the create request to the provider's first call, and from its last call's end
+    /// to `completed` being seen: the campaign's start and its tail.
+    start_and_tail: Option<(f64, f64)>,
     cpu: proc::CpuSnapshot,
     peak_rss: u64,
     redis_added: i64,
@@ -193,13 +196,21 @@ async fn push(
         .wait_completed(reply.campaign_id, std::time::Duration::from_secs(3600))
         .await?;
     let seconds = t0.elapsed().as_secs_f64();
+    let done = Instant::now();
     let cpu = proc::CpuSnapshot::since(&cpu0);
+    let start_and_tail = provider.first_and_last().map(|(first, last)| {
+        (
+            first.saturating_duration_since(t0).as_secs_f64(),
+            done.saturating_duration_since(last).as_secs_f64(),
+        )
+    });
     let peak_rss = proc::peak_rss();
     let redis_added = redis_used_memory(&env.config.redis.url).await? - redis_before;
     engine.shutdown().await?;
     let (duplicates, missing) = provider.duplicates_and_misses();
     Ok(PushResult {
         seconds,
+        start_and_tail,
         cpu,
         peak_rss,
         redis_added,
@@ -410,11 +421,15 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("{tag}push with 0 ms provider latency ...");
         fasts.push(push(&env, &args, &format!("zero {round}"), 0).await?);
         for r in [&slows[round - 1], &fasts[round - 1]] {
+            let (start, tail) = r.start_and_tail.unwrap_or_default();
             eprintln!(
-                "  {:.0} users/s, {:.2} µs per user, peak RSS {:.1} MB",
+                "  {:.0} users/s, {:.2} µs per user, peak RSS {:.1} MB; first send after \
+                 {:.0} ms, completed {:.0} ms after the last",
                 r.sent as f64 / r.seconds.max(1e-9),
                 r.cpu.total() * 1e6 / r.sent.max(1) as f64,
-                mb(r.peak_rss as i64)
+                mb(r.peak_rss as i64),
+                start * 1e3,
+                tail * 1e3
             );
         }
         if !args.skip_baseline {
