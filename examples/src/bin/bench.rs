@@ -113,6 +113,7 @@ struct Args {
     skip_logins: bool,
 }
 
+#[derive(Clone)]
 struct PushResult {
     seconds: f64,
     /// Resident memory when the push started (left over from earlier scenarios included).
@@ -258,6 +259,18 @@ async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
     let result = result?;
     cleaned?;
     Ok(result)
+}
+
+/// The rounds of one push scenario as one row: time and CPU of the median round (by
+/// users/s); for the bounds (peak RSS, Redis added) the worst round; duplicates and misses
+/// summed over all rounds.
+fn summary(rounds: &[PushResult], rate: impl Fn(&PushResult) -> f64) -> PushResult {
+    let mut row = rounds[median_index(&rounds.iter().map(rate).collect::<Vec<_>>())].clone();
+    row.peak_rss = rounds.iter().map(|r| r.peak_rss).max().unwrap_or(0);
+    row.redis_added = rounds.iter().map(|r| r.redis_added).max().unwrap_or(0);
+    row.duplicates = rounds.iter().map(|r| r.duplicates).sum();
+    row.missing = rounds.iter().map(|r| r.missing).sum();
+    row
 }
 
 /// The index of the median value (the lower middle of an even count).
@@ -504,12 +517,16 @@ async fn main() -> anyhow::Result<()> {
     let rate = |secs: f64, users: f64| users / secs.max(1e-9);
     let push_rate = |r: &PushResult| rate(r.seconds, r.sent as f64);
     let base_rate = |b: &baseline::BaselineResult| rate(b.seconds, b.users as f64);
-    let slow = &slows[median_index(&slows.iter().map(push_rate).collect::<Vec<_>>())];
-    let fast = &fasts[median_index(&fasts.iter().map(push_rate).collect::<Vec<_>>())];
+    let slow = &summary(&slows, push_rate);
+    let fast = &summary(&fasts, push_rate);
     println!();
     println!("herald benchmark: {} users, {} cores", args.users, cores());
     if rounds > 1 {
-        println!("(the median of {rounds} rounds; every round's ratio is under the table)");
+        println!(
+            "(the median round of {rounds} by users/s, with the worst round's peak RSS and \
+             Redis figure and every round's duplicates and misses; each round's ratio is \
+             under the table)"
+        );
     }
     print_columns();
     for (label, r) in [
