@@ -5,6 +5,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::{TimeZone, Utc};
 use herald_engine::{
+    config::Config,
     providers::{Ledger, ProviderConfig, SimulatedConfig, SimulatedProvider},
     schemas::{
         decode, Audience, CampaignKind, CampaignState, CreateCampaignRequest, DeadLetter,
@@ -52,9 +53,14 @@ async fn start_webhook(env: &TestEnv, sink: &WebhookSink) -> Engine {
 
 /// A node on the environment with a simulated provider for every channel, and its ledger.
 async fn start_simulated(env: &TestEnv, latency_ms: u64) -> (Engine, Ledger) {
+    start_simulated_on(env.config.clone(), latency_ms).await
+}
+
+/// A node with `config` and a simulated provider for every channel, and its ledger.
+async fn start_simulated_on(config: Config, latency_ms: u64) -> (Engine, Ledger) {
     let provider = simulated(latency_ms);
     let ledger = provider.ledger();
-    let engine = Engine::builder(env.config.clone())
+    let engine = Engine::builder(config)
         .provider_for_all(provider)
         .start()
         .await
@@ -95,13 +101,7 @@ async fn campaigns_complete_without_waiting_for_the_progress_check() {
     env.seed(3_000).await.unwrap();
     let mut config = env.config.clone();
     config.pipeline.progress_interval_ms = 600_000;
-    let provider = simulated(0);
-    let ledger = provider.ledger();
-    let engine = Engine::builder(config)
-        .provider_for_all(provider)
-        .start()
-        .await
-        .unwrap();
+    let (engine, ledger) = start_simulated_on(config, 0).await;
     let everyone = env.create(&promo("everyone")).await.unwrap().unwrap();
     let mut empty = promo("nobody");
     empty.audience = Audience::Segment(herald_engine::schemas::SegmentFilter {
@@ -510,13 +510,7 @@ async fn a_recreated_database_reusing_campaign_ids_still_reaches_everyone() {
     new.seed(3_000).await.unwrap();
     let mut config = new.config.clone();
     config.nats.prefix = old.prefix.clone();
-    let provider = simulated(0);
-    let ledger = provider.ledger();
-    let engine = Engine::builder(config)
-        .provider_for_all(provider)
-        .start()
-        .await
-        .unwrap();
+    let (engine, ledger) = start_simulated_on(config, 0).await;
     let reply: herald_engine::schemas::CreateCampaignReply = herald_engine::api::request(
         &new.nats,
         old.subjects().api_campaign_create(),
