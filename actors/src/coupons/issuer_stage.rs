@@ -76,7 +76,13 @@ impl Stage for CouponIssuer {
             .issue(&pairs, chrono::Utc::now(), Some((done, recipients)))
             .await
         {
-            Ok(_) => Outcome::Done,
+            Ok(issued) => {
+                // Committed: the supervisor may finish the campaign now.
+                for campaign_id in issued.completed {
+                    let _ = self.shared.maybe_complete.send(campaign_id);
+                }
+                Outcome::Done
+            }
             Err(e) => {
                 tracing::warn!(campaign_id = self.campaign.id, error = %e, "issuing coupon batch failed");
                 Outcome::retry(format!("issuing coupon items: {e}"))

@@ -114,6 +114,8 @@ pub struct Issued {
     pub items: Vec<IssuedItem>,
     /// Pairs not issued because the coupon's stock ran out.
     pub out_of_stock: Vec<(i64, i64)>,
+    /// Campaigns the recorded push batch made complete (none without a batch).
+    pub completed: Vec<i64>,
 }
 
 /// A push batch of an eager campaign, recorded done in the same transaction as its items.
@@ -353,11 +355,12 @@ impl Store {
         let txn = db.begin().await?;
         let items = insert_items(&txn, &pairs, now).await?;
         if bump_counts(&txn, &items, now, true).await? {
-            record(&txn, batch, items.len(), now).await?;
+            let completed = record(&txn, batch, items.len(), now).await?;
             txn.commit().await?;
             return Ok(Issued {
                 items,
                 out_of_stock: vec![],
+                completed,
             });
         }
         txn.rollback().await?;
@@ -448,11 +451,12 @@ impl Store {
         }
         let items = insert_items(&txn, &keep, now).await?;
         bump_counts(&txn, &items, now, false).await?;
-        record(&txn, batch, items.len(), now).await?;
+        let completed = record(&txn, batch, items.len(), now).await?;
         txn.commit().await?;
         Ok(Issued {
             items,
             out_of_stock,
+            completed,
         })
     }
 }
@@ -543,14 +547,16 @@ async fn bump_counts(
     Ok(true)
 }
 
+/// Records the eager campaign's push batch done, if any; returns the campaigns that made
+/// complete.
 async fn record(
     txn: &DatabaseTransaction,
     batch: Option<(BatchDone, i32)>,
     issued: usize,
     now: DateTime<Utc>,
-) -> Result<(), DbErr> {
+) -> Result<Vec<i64>, DbErr> {
     let Some((b, recipients)) = batch else {
-        return Ok(());
+        return Ok(vec![]);
     };
     let sent = issued as i32;
     let done = BatchRecord {
@@ -563,7 +569,5 @@ async fn record(
         failed: 0,
         done_at: now,
     };
-    // The campaign's supervisor sees completion at its next progress check.
-    record_batches_in(txn, &[done]).await?;
-    Ok(())
+    record_batches_in(txn, &[done]).await
 }
