@@ -8,7 +8,7 @@ use tokio::sync::{broadcast, Semaphore};
 use crate::{
     batcher::Batcher,
     coupons::ActiveCoupons,
-    markers::{CampaignRef, Markers},
+    markers::{batch_field, CampaignRef, Markers},
     provider::Providers,
     store::{BatchRecord, BucketRecord, Store},
 };
@@ -251,7 +251,7 @@ impl Shared {
                     // campaign's markers are deleted.
                     let fields: Vec<(CampaignRef, String)> = batches
                         .iter()
-                        .map(|b| (b.campaign, format!("{}:{}", b.record.bucket, b.record.part)))
+                        .map(|b| (b.campaign, batch_field(b.record.bucket, b.record.part)))
                         .collect();
                     if let Err(e) = markers.forget_batches(&fields).await {
                         tracing::debug!(error = %e, "dropping batch totals failed; they go with the campaign");

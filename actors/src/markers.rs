@@ -35,6 +35,12 @@ use fred::{
 };
 use layout::{bit_is_set, chunk, offset, Layout, BLOCK_BITS, CHUNK_BITS};
 
+/// The field under which a push batch's running totals are kept: its `bucket:part`. The
+/// push sender confirms under it and the batch recorder forgets it, so both name it here.
+pub fn batch_field(bucket: i64, part: i32) -> String {
+    format!("{bucket}:{part}")
+}
+
 /// Names a campaign in Redis keys: its id and its epoch (creation time in ms), so markers of
 /// an older campaign with the same id (a recreated database) never apply to a new one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

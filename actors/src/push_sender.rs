@@ -1,7 +1,7 @@
 //! The push sender stage: for each `PushBatch`, claim its users in Redis (one script call),
 //! send to the claimed ones through the campaign's provider in batch calls (a permit per push
-//! from the node's send window) with a few quick in-place retries, confirm what was sent or failed for good, release the rest, and
-//! ack only when every user of the batch is settled. Users that still need a retry send the
+//! from the node's send window) with a few quick in-place retries, confirm what was sent or
+//! failed for good, release the rest, and ack only when every user of the batch is settled. Users that still need a retry send the
 //! batch back to JetStream with a delay; on the last delivery they are recorded as failed.
 
 use std::{sync::Arc, time::Duration};
@@ -12,9 +12,8 @@ use herald_nats::{Delivery, Outcome};
 use herald_schemas::{decode, PushBatch, Subjects};
 
 use crate::{
-    context::FinishedBatch,
-    context::{Shared, StageSettings},
-    markers::{CampaignRef, ClaimState, Release, Settled},
+    context::{FinishedBatch, Shared, StageSettings},
+    markers::{batch_field, CampaignRef, ClaimState, Release, Settled},
     provider::{Provider, Push, SendError},
     stage::Stage,
     store::{BatchRecord, Campaign},
@@ -160,7 +159,7 @@ impl PushSender {
             "{}:{}:{}",
             self.shared.node_id, d.stream_sequence, d.delivered
         );
-        let field = format!("{}:{}", batch.bucket, batch.part);
+        let field = batch_field(batch.bucket, batch.part);
         // A user listed twice is still one recipient and one send.
         let mut users = batch.user_ids;
         users.sort_unstable();

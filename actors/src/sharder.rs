@@ -1,7 +1,7 @@
 //! The sharder stage: turns a campaign's `CampaignCreated` into one `BucketTask` per
-//! `bucket_size` user ids (rounded up to whole lease blocks) between the audience's id bounds, published in batches of at most
-//! `publish_max_messages` messages and `publish_max_bytes` bytes, then records the bucket
-//! count. Re-sharding after a crash re-publishes the same message ids, which the server drops
+//! `bucket_size` user ids (rounded up to whole lease blocks) between the audience's id
+//! bounds, published in batches of at most `publish_max_messages` messages and
+//! `publish_max_bytes` bytes, then records the bucket count. Re-sharding after a crash re-publishes the same message ids, which the server drops
 //! inside its dedupe window and the later stages skip after it.
 
 use std::sync::Arc;
@@ -245,7 +245,8 @@ mod tests {
             for pair in t.windows(2) {
                 assert_eq!(pair[0].end_id, pair[1].start_id);
                 assert_eq!(pair[1].start_id % BLOCK_IDS, 0, "{lo}..{hi} by {size}");
-                assert!(pair[0].end_id - pair[0].start_id <= (size + 31) / 32 * 32);
+                let grid = (size + BLOCK_IDS - 1) / BLOCK_IDS * BLOCK_IDS;
+                assert!(pair[0].end_id - pair[0].start_id <= grid);
             }
         }
     }

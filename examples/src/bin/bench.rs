@@ -235,6 +235,32 @@ fn load(args: &Args, paced: bool) -> create_latency::Load {
     }
 }
 
+/// The paced create-latency run (`--create-rate`) on the node being measured, or None when
+/// the rate is 0.
+async fn paced_creates(
+    env: &TestEnv,
+    args: &Args,
+    tag: &str,
+) -> anyhow::Result<Option<create_latency::Latencies>> {
+    if args.create_rate <= 0.0 {
+        return Ok(None);
+    }
+    let tag = format!("{tag} paced");
+    let lat = create_latency::run(&env.nats, &env.subjects(), &tag, load(args, true)).await?;
+    Ok(Some(lat))
+}
+
+/// The paced no-op floor, or None when `--create-rate` is 0.
+async fn paced_floor(
+    env: &TestEnv,
+    args: &Args,
+) -> anyhow::Result<Option<create_latency::Latencies>> {
+    if args.create_rate <= 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(floor(env, args, true).await?))
+}
+
 /// The create-latency requesters against a no-op responder: the request/reply floor.
 async fn floor(
     env: &TestEnv,
@@ -370,20 +396,12 @@ async fn main() -> anyhow::Result<()> {
         let tag = if args.api_only { "api" } else { "full" };
         let lat = create_latency::run(&env.nats, &env.subjects(), tag, load(&args, false)).await?;
         let cpu = proc::CpuSnapshot::since(&cpu0);
-        let paced = if args.create_rate > 0.0 {
-            let tag = format!("{tag} paced");
-            Some(create_latency::run(&env.nats, &env.subjects(), &tag, load(&args, true)).await?)
-        } else {
-            None
-        };
+        let paced = paced_creates(&env, &args, tag).await?;
         engine.shutdown().await?;
         let cpu1 = proc::CpuSnapshot::now();
         let floor_closed = floor(&env, &args, false).await?;
         let floor_cpu = proc::CpuSnapshot::since(&cpu1);
-        let floor_paced = match paced {
-            Some(_) => Some(floor(&env, &args, true).await?),
-            None => None,
-        };
+        let floor_paced = paced_floor(&env, &args).await?;
         let pace = format!("paced {:.0}/s", args.create_rate);
         let mut rows = vec![
             ("create latency".to_string(), &lat),
@@ -486,19 +504,10 @@ async fn main() -> anyhow::Result<()> {
     let engine = Engine::builder(api_only).start().await?;
     let lat_api =
         create_latency::run(&env.nats, &env.subjects(), "api", load(&args, false)).await?;
-    let paced = args.create_rate > 0.0;
-    let lat_api_paced = if paced {
-        Some(create_latency::run(&env.nats, &env.subjects(), "api paced", load(&args, true)).await?)
-    } else {
-        None
-    };
+    let lat_api_paced = paced_creates(&env, &args, "api").await?;
     engine.shutdown().await?;
     let lat_floor = floor(&env, &args, false).await?;
-    let lat_floor_paced = if paced {
-        Some(floor(&env, &args, true).await?)
-    } else {
-        None
-    };
+    let lat_floor_paced = paced_floor(&env, &args).await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
@@ -658,7 +667,7 @@ async fn main() -> anyhow::Result<()> {
         "create_latency_ms": lat.json(),
         "create_latency_api_only_ms": lat_api.json(),
         "request_reply_floor_ms": lat_floor.json(),
-        "create_rate_per_s": paced.then_some(args.create_rate),
+        "create_rate_per_s": lat_api_paced.as_ref().map(|_| args.create_rate),
         "create_latency_api_only_paced_ms": lat_api_paced.as_ref().map(|l| l.json()),
         "request_reply_floor_paced_ms": lat_floor_paced.as_ref().map(|l| l.json()),
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
