@@ -6,14 +6,16 @@
 //! Statements use `$1, $2, ...` placeholders in ascending order, which both PostgreSQL and
 //! SQLite accept.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CampaignState, InformType, SegmentFilter};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, QueryResult, Statement,
     TransactionTrait, Value,
 };
+
+mod campaigns;
+
+pub use campaigns::{CampaignInsert, NewCampaign};
 
 /// A campaign row, as the pipeline needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,33 +81,6 @@ impl TryFrom<CampaignRow> for Campaign {
     }
 }
 
-/// A new campaign row.
-#[derive(Debug, Clone)]
-pub struct NewCampaign {
-    /// Kind.
-    pub kind: String,
-    /// Name.
-    pub name: String,
-    /// Creator.
-    pub created_by: String,
-    /// Start of the promotion.
-    pub starts_at: DateTime<Utc>,
-    /// End of the promotion.
-    pub ends_at: DateTime<Utc>,
-    /// Channel.
-    pub inform_type: InformType,
-    /// Title.
-    pub title: String,
-    /// Body.
-    pub body: String,
-    /// Audience as JSON.
-    pub audience: Audience,
-    /// Dedupe key of the request.
-    pub dedupe_key: String,
-    /// The coupon of a coupon campaign.
-    pub coupon_id: Option<i64>,
-}
-
 /// A finished push batch and its counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchRecord {
@@ -140,17 +115,6 @@ pub struct BucketRecord {
     pub recipients: i64,
     /// When it was expanded.
     pub done_at: DateTime<Utc>,
-}
-
-/// One campaign of [`Store::insert_campaigns`].
-#[derive(Debug, Clone, Copy)]
-pub struct CampaignInsert<'a> {
-    /// The campaign.
-    pub campaign: &'a NewCampaign,
-    /// Its creation time (its epoch).
-    pub now: DateTime<Utc>,
-    /// A campaign with the same dedupe key created at or after this makes it a repeat.
-    pub since: DateTime<Utc>,
 }
 
 /// Counters of a campaign (its `campaign_progress` row), or increments to add to them.
@@ -219,8 +183,8 @@ pub struct Store {
     db: DatabaseConnection,
 }
 
-pub(crate) fn stmt(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> Statement {
-    Statement::from_sql_and_values(db.get_database_backend(), sql, values)
+pub(crate) fn stmt<C: ConnectionTrait>(conn: &C, sql: &str, values: Vec<Value>) -> Statement {
+    Statement::from_sql_and_values(conn.get_database_backend(), sql, values)
 }
 
 /// A multi-row `INSERT INTO {into} VALUES … ON CONFLICT DO NOTHING RETURNING {returning}`
@@ -438,143 +402,6 @@ impl Store {
     /// The connection.
     pub fn db(&self) -> &DatabaseConnection {
         &self.db
-    }
-
-    /// Inserts a campaign (status `pending`) unless one with the same dedupe key was created
-    /// at or after `since`. Returns the id and whether this call inserted it.
-    pub async fn insert_campaign(
-        &self,
-        c: &NewCampaign,
-        now: DateTime<Utc>,
-        since: DateTime<Utc>,
-    ) -> Result<(i64, bool), DbErr> {
-        let mut out = self
-            .insert_campaigns(&[CampaignInsert {
-                campaign: c,
-                now,
-                since,
-            }])
-            .await?;
-        out.pop()
-            .ok_or_else(|| DbErr::Custom("campaign insert returned nothing".into()))
-    }
-
-    /// Inserts many campaigns in one statement, each unless one with its dedupe key was
-    /// created at or after its `since` (an earlier one in the same call counts too). Returns,
-    /// per campaign in order, its id and whether this call inserted it.
-    pub async fn insert_campaigns(
-        &self,
-        batch: &[CampaignInsert<'_>],
-    ) -> Result<Vec<(i64, bool)>, DbErr> {
-        #[derive(FromQueryResult)]
-        struct Row {
-            id: i64,
-            dedupe_key: String,
-        }
-        // One row per dedupe key; repeats within the call get the first one's id.
-        let mut first: HashMap<&str, usize> = HashMap::new();
-        let mut rows = Vec::new();
-        let mut values: Vec<Value> = Vec::with_capacity(batch.len() * 14);
-        let row_values = |values: &mut Vec<Value>, b: &CampaignInsert, keep: bool| {
-            let c = b.campaign;
-            let audience =
-                serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
-            let n = values.len();
-            let row = (n + 1..=n + 14)
-                .map(|k| format!("${k}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            values.extend([
-                c.kind.clone().into(),
-                c.name.clone().into(),
-                c.created_by.clone().into(),
-                c.starts_at.into(),
-                c.ends_at.into(),
-                c.inform_type.as_str().into(),
-                c.title.clone().into(),
-                c.body.clone().into(),
-                audience.into(),
-                c.dedupe_key.clone().into(),
-                b.now.into(),
-                c.coupon_id.into(),
-                b.since.into(),
-                keep.into(),
-            ]);
-            Ok::<String, DbErr>(format!("({row})"))
-        };
-        for (i, b) in batch.iter().enumerate() {
-            let key = b.campaign.dedupe_key.as_str();
-            if first.contains_key(key) {
-                continue;
-            }
-            first.insert(key, i);
-            rows.push(row_values(&mut values, b, true)?);
-        }
-        // Pad to a power of two with rows that are never inserted, so the statement text takes
-        // few shapes and each connection plans it once (prepared statement cache).
-        if let Some(b) = batch.first() {
-            while !rows.len().is_power_of_two() {
-                rows.push(row_values(&mut values, b, false)?);
-            }
-        }
-        if rows.is_empty() {
-            return Ok(vec![]);
-        }
-        let sql = format!(
-            "WITH v (kind, name, created_by, starts_at, ends_at, inform_type, title, body, \
-             audience, dedupe_key, created_at, coupon_id, since, keep) AS (VALUES {}) \
-             INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
-             body, audience, status, dedupe_key, recipients, sent, skipped, failed, created_at, \
-             coupon_id) \
-             SELECT v.kind, v.name, v.created_by, v.starts_at, v.ends_at, v.inform_type, v.title, \
-             v.body, v.audience, 'pending', v.dedupe_key, 0, 0, 0, 0, v.created_at, v.coupon_id \
-             FROM v WHERE v.keep AND NOT EXISTS (SELECT 1 FROM campaign c \
-               WHERE c.dedupe_key = v.dedupe_key AND c.created_at >= v.since) \
-             RETURNING id, dedupe_key",
-            rows.join(", ")
-        );
-        let inserted: HashMap<String, i64> = Row::find_by_statement(stmt(&self.db, &sql, values))
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|r| (r.dedupe_key, r.id))
-            .collect();
-        let mut out = Vec::with_capacity(batch.len());
-        for (i, b) in batch.iter().enumerate() {
-            let key = b.campaign.dedupe_key.as_str();
-            let owner = first.get(key).copied() == Some(i);
-            let result = match inserted.get(key) {
-                Some(id) => (*id, owner),
-                None => {
-                    let id = self.find_duplicate(key, b.since).await?.ok_or_else(|| {
-                        DbErr::Custom("campaign neither inserted nor found".into())
-                    })?;
-                    (id, false)
-                }
-            };
-            out.push(result);
-        }
-        Ok(out)
-    }
-
-    /// The newest campaign created with `dedupe_key` at or after `since`.
-    pub async fn find_duplicate(
-        &self,
-        dedupe_key: &str,
-        since: DateTime<Utc>,
-    ) -> Result<Option<i64>, DbErr> {
-        #[derive(FromQueryResult)]
-        struct Id {
-            id: i64,
-        }
-        Ok(Id::find_by_statement(stmt(
-            &self.db,
-            "SELECT id FROM campaign WHERE dedupe_key = $1 AND created_at >= $2 ORDER BY id DESC LIMIT 1",
-            vec![dedupe_key.into(), since.into()],
-        ))
-        .one(&self.db)
-        .await?
-        .map(|r| r.id))
     }
 
     /// Loads a campaign.

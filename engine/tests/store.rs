@@ -1,6 +1,6 @@
 //! The campaign store's batch inserts, on SQLite and PostgreSQL: one statement for many
 //! creates, repeats within the batch and within the window recognised, padding rows never
-//! inserted; and finished push batches recorded many per statement, a batch recorded before
+//! inserted, racing repeats inserted once; and finished push batches recorded many per statement, a batch recorded before
 //! left as it was; a record answering the campaigns it completed; a bucket's users read as
 //! one aggregated row, in order, on both.
 
@@ -87,6 +87,31 @@ async fn batch_insert_on(db: DatabaseConnection) {
         .await
         .unwrap();
     assert!(later.1 && later.0 != first[0].0);
+}
+
+/// Creates with one dedupe key racing on separate connections, with no Redis in front:
+/// exactly one of them inserts, and every one answers that campaign's id.
+async fn racing_repeats_on(db: DatabaseConnection) {
+    herald_engine::engine::migrate(&db).await.unwrap();
+    let store = Store::new(db.clone());
+    const ROUNDS: i64 = 20;
+    for round in 0..ROUNDS {
+        let c = campaign(&format!("race {round}"));
+        let now = Utc::now();
+        let since = now - Span::minutes(30);
+        let racers = (0..8).map(|_| {
+            let (store, c) = (store.clone(), c.clone());
+            tokio::spawn(async move { store.insert_campaign(&c, now, since).await.unwrap() })
+        });
+        let mut answers = Vec::new();
+        for r in racers.collect::<Vec<_>>() {
+            answers.push(r.await.unwrap());
+        }
+        let winners = answers.iter().filter(|a| a.1).count();
+        assert_eq!(winners, 1, "round {round}: {answers:?}");
+        assert!(answers.iter().all(|a| a.0 == answers[0].0), "{answers:?}");
+    }
+    assert_eq!(rows(&db).await, ROUNDS);
 }
 
 fn record(campaign_id: i64, bucket: i64, part: i32, sent: i32) -> BatchRecord {
@@ -311,6 +336,16 @@ async fn a_record_that_completes_its_campaign_says_so_on_postgres() {
 #[tokio::test]
 async fn batch_insert_on_postgres() {
     on_postgres("storebatch", batch_insert_on).await;
+}
+
+#[tokio::test]
+async fn racing_repeats_insert_once_on_sqlite() {
+    racing_repeats_on(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn racing_repeats_insert_once_on_postgres() {
+    on_postgres("storerace", racing_repeats_on).await;
 }
 
 // After a bulk load the planner needs statistics: without them a segment's bounds query

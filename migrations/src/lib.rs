@@ -2,7 +2,8 @@
 //!
 //! [`Migrator`] lists the migrations in order: the membership reference tables, the
 //! marketing reference tables, herald's own campaign bookkeeping, the coupon delivery columns,
-//! then an index for segment bounds, and running progress counters per campaign. Run
+//! then an index for segment bounds, running progress counters per campaign, and the
+//! table that claims each create's dedupe key. Run
 //! `Migrator::up(&db, None)` to create every table and `Migrator::down(&db, None)` to drop
 //! them again. Table and column names are a contract with the rest of the workspace.
 
@@ -14,6 +15,7 @@ mod m20261121_000003_campaign;
 mod m20261121_000004_coupon_delivery;
 mod m20261121_000005_segment_index;
 mod m20261121_000006_campaign_progress;
+mod m20261121_000007_campaign_dedupe;
 
 /// Applies and rolls back herald's schema migrations, oldest first.
 pub struct Migrator;
@@ -28,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000004_coupon_delivery::Migration),
             Box::new(m20261121_000005_segment_index::Migration),
             Box::new(m20261121_000006_campaign_progress::Migration),
+            Box::new(m20261121_000007_campaign_dedupe::Migration),
         ]
     }
 }

@@ -234,6 +234,14 @@ const SCHEMA: &[TableSpec] = &[
         ],
     ),
     (
+        "campaign_dedupe",
+        &[
+            ("dedupe_key", TEXT, No),
+            ("campaign_id", BIGINT, No),
+            ("created_at", TSTZ, No),
+        ],
+    ),
+    (
         "campaign_failure",
         &[
             ("id", BIGINT, No),
@@ -625,4 +633,45 @@ async fn progress_counters_start_from_the_records_of_earlier_campaigns() {
     .map(|c| row.try_get::<i64>("", c).expect(c))
     .collect();
     assert_eq!(got, vec![2, 3, 190, 2, 130, 8, 2]);
+}
+
+#[tokio::test]
+async fn dedupe_claims_start_from_the_newest_earlier_campaign_per_key() {
+    // A database migrated before campaign_dedupe existed: key k created twice (outside its
+    // window), key j once.
+    let db = Database::connect("sqlite::memory:")
+        .await
+        .expect("open in-memory sqlite");
+    Migrator::up(&db, Some(6)).await.expect("migrate up to 6");
+    for (key, at) in [("k", "'2026-11-20 08:00:00+00'"), ("j", T), ("k", T)] {
+        db.execute_unprepared(&format!(
+            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, \
+             title, body, audience, status, dedupe_key, created_at) \
+             VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'done', '{key}', {at})"
+        ))
+        .await
+        .expect("insert campaign");
+    }
+    Migrator::up(&db, None).await.expect("migrate up");
+    let rows = db
+        .query_all(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT dedupe_key, campaign_id FROM campaign_dedupe ORDER BY dedupe_key",
+        ))
+        .await
+        .expect("select claims");
+    let got: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "dedupe_key").expect("dedupe_key"),
+                r.try_get("", "campaign_id").expect("campaign_id"),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![("j".to_string(), 2), ("k".to_string(), 3)]);
+    Migrator::down(&db, Some(1))
+        .await
+        .expect("migrate down one");
+    assert!(!tables(&db).await.contains(&"campaign_dedupe".to_string()));
 }

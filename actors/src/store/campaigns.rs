@@ -1,0 +1,278 @@
+//! New campaign rows, each inserted once per dedupe key within its window.
+//!
+//! A create claims its dedupe key in `campaign_dedupe` (primary key: the key) with
+//! `INSERT … ON CONFLICT`. The conflict is found through that unique index whatever the
+//! planner believes about the table's size, so a create costs the same with ten campaigns or
+//! ten million, and of two creates racing with the same key exactly one wins. On PostgreSQL the
+//! claims and the inserts of a group of creates are one statement; on SQLite, one transaction.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use herald_schemas::{Audience, InformType};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, FromQueryResult, TransactionTrait,
+    Value,
+};
+
+use super::{stmt, Store};
+
+/// A new campaign row.
+#[derive(Debug, Clone)]
+pub struct NewCampaign {
+    /// Kind.
+    pub kind: String,
+    /// Name.
+    pub name: String,
+    /// Creator.
+    pub created_by: String,
+    /// Start of the promotion.
+    pub starts_at: DateTime<Utc>,
+    /// End of the promotion.
+    pub ends_at: DateTime<Utc>,
+    /// Channel.
+    pub inform_type: InformType,
+    /// Title.
+    pub title: String,
+    /// Body.
+    pub body: String,
+    /// Audience as JSON.
+    pub audience: Audience,
+    /// Dedupe key of the request.
+    pub dedupe_key: String,
+    /// The coupon of a coupon campaign.
+    pub coupon_id: Option<i64>,
+}
+
+/// One campaign of [`Store::insert_campaigns`].
+#[derive(Debug, Clone, Copy)]
+pub struct CampaignInsert<'a> {
+    /// The campaign.
+    pub campaign: &'a NewCampaign,
+    /// Its creation time (its epoch).
+    pub now: DateTime<Utc>,
+    /// A campaign with the same dedupe key created at or after this makes it a repeat.
+    pub since: DateTime<Utc>,
+}
+
+/// The columns a new campaign sets, in the order [`row_values`] gives them.
+const COLUMNS: &str = "kind, name, created_by, starts_at, ends_at, inform_type, title, body, \
+                       audience, dedupe_key, created_at, coupon_id";
+/// Values per campaign in [`row_values`].
+const VALUES_PER_ROW: usize = 12;
+
+impl Store {
+    /// Inserts a campaign (status `pending`) unless one with the same dedupe key was created
+    /// at or after `since`. Returns the id and whether this call inserted it.
+    pub async fn insert_campaign(
+        &self,
+        c: &NewCampaign,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+    ) -> Result<(i64, bool), DbErr> {
+        let mut out = self
+            .insert_campaigns(&[CampaignInsert {
+                campaign: c,
+                now,
+                since,
+            }])
+            .await?;
+        out.pop()
+            .ok_or_else(|| DbErr::Custom("campaign insert returned nothing".into()))
+    }
+
+    /// Inserts many campaigns at once, each unless one with its dedupe key was created at or
+    /// after its `since` (an earlier one in the same call counts too). Returns, per campaign
+    /// in order, its id and whether this call inserted it.
+    pub async fn insert_campaigns(
+        &self,
+        batch: &[CampaignInsert<'_>],
+    ) -> Result<Vec<(i64, bool)>, DbErr> {
+        // One claim per dedupe key; repeats within the call get the first one's id.
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        let mut owners = Vec::new();
+        for (i, b) in batch.iter().enumerate() {
+            if let std::collections::hash_map::Entry::Vacant(e) =
+                first.entry(b.campaign.dedupe_key.as_str())
+            {
+                e.insert(i);
+                owners.push(*b);
+            }
+        }
+        let inserted = match self.db.get_database_backend() {
+            DbBackend::Postgres => self.insert_claimed_in_one_statement(&owners).await?,
+            _ => {
+                let txn = self.db.begin().await?;
+                let inserted = insert_claimed_one_by_one(&txn, &owners).await?;
+                txn.commit().await?;
+                inserted
+            }
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, b) in batch.iter().enumerate() {
+            let key = b.campaign.dedupe_key.as_str();
+            let owner = first.get(key).copied() == Some(i);
+            let result = match inserted.get(key) {
+                Some(id) => (*id, owner),
+                None => {
+                    let id = self.find_duplicate(key, b.since).await?.ok_or_else(|| {
+                        DbErr::Custom("campaign neither inserted nor found".into())
+                    })?;
+                    (id, false)
+                }
+            };
+            out.push(result);
+        }
+        Ok(out)
+    }
+
+    /// The campaign that holds `dedupe_key` if it was created at or after `since`.
+    pub async fn find_duplicate(
+        &self,
+        dedupe_key: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<i64>, DbErr> {
+        Ok(claim_of(&self.db, dedupe_key)
+            .await?
+            .filter(|c| c.created_at >= since)
+            .map(|c| c.campaign_id))
+    }
+
+    /// PostgreSQL: ids for every row, the claims, and the inserts of the claimed rows in one
+    /// statement. Returns the ids of the campaigns inserted, by dedupe key.
+    async fn insert_claimed_in_one_statement(
+        &self,
+        owners: &[CampaignInsert<'_>],
+    ) -> Result<HashMap<String, i64>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Row {
+            id: i64,
+            dedupe_key: String,
+        }
+        let Some(pad) = owners.first() else {
+            return Ok(HashMap::new());
+        };
+        // Padded to a power of two with rows that are never inserted, so the statement text
+        // takes few shapes and each connection plans it once (prepared statement cache).
+        let count = owners.len().next_power_of_two();
+        let mut values: Vec<Value> = Vec::with_capacity(count * (VALUES_PER_ROW + 2));
+        let mut rows = Vec::with_capacity(count);
+        for i in 0..count {
+            let (b, keep) = owners.get(i).map_or((pad, false), |b| (b, true));
+            let n = values.len();
+            values.extend(row_values(b)?);
+            values.extend([b.since.into(), keep.into()]);
+            let row = (n + 1..=values.len())
+                .map(|k| format!("${k}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            rows.push(format!("({row})"));
+        }
+        // The claim updates a key only when its holder is older than the window; the claims
+        // that went through return their new ids, and only those rows are inserted.
+        let sql = format!(
+            "WITH v ({COLUMNS}, since, keep) AS (VALUES {}), \
+             n AS (SELECT nextval('campaign_id_seq') AS id, v.* FROM v WHERE v.keep), \
+             claimed AS (INSERT INTO campaign_dedupe AS d (dedupe_key, campaign_id, created_at) \
+               SELECT n.dedupe_key, n.id, n.created_at FROM n \
+               ON CONFLICT (dedupe_key) DO UPDATE \
+               SET campaign_id = EXCLUDED.campaign_id, created_at = EXCLUDED.created_at \
+               WHERE d.created_at < (SELECT n.since FROM n WHERE n.dedupe_key = EXCLUDED.dedupe_key) \
+               RETURNING d.campaign_id) \
+             INSERT INTO campaign (id, {COLUMNS}, status, recipients, sent, skipped, failed) \
+             SELECT n.id, n.kind, n.name, n.created_by, n.starts_at, n.ends_at, n.inform_type, \
+             n.title, n.body, n.audience, n.dedupe_key, n.created_at, n.coupon_id, 'pending', \
+             0, 0, 0, 0 \
+             FROM n WHERE n.id IN (SELECT campaign_id FROM claimed) \
+             RETURNING id, dedupe_key",
+            rows.join(", ")
+        );
+        Ok(Row::find_by_statement(stmt(&self.db, &sql, values))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| (r.dedupe_key, r.id))
+            .collect())
+    }
+}
+
+/// SQLite, inside `txn` (which holds the database's write lock): each row's claim is read,
+/// and a row whose key is free or outside its window is inserted and claims it.
+async fn insert_claimed_one_by_one(
+    txn: &DatabaseTransaction,
+    owners: &[CampaignInsert<'_>],
+) -> Result<HashMap<String, i64>, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Id {
+        id: i64,
+    }
+    let placeholders = (1..=VALUES_PER_ROW)
+        .map(|k| format!("${k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = format!(
+        "INSERT INTO campaign ({COLUMNS}, status, recipients, sent, skipped, failed) \
+         VALUES ({placeholders}, 'pending', 0, 0, 0, 0) RETURNING id"
+    );
+    let mut inserted = HashMap::new();
+    for b in owners {
+        let key = b.campaign.dedupe_key.as_str();
+        if let Some(held) = claim_of(txn, key).await? {
+            if held.created_at >= b.since {
+                continue;
+            }
+        }
+        let id = Id::find_by_statement(stmt(txn, &insert, row_values(b)?.into()))
+            .one(txn)
+            .await?
+            .ok_or_else(|| DbErr::Custom("campaign insert returned no id".into()))?
+            .id;
+        txn.execute(stmt(
+            txn,
+            "INSERT INTO campaign_dedupe (dedupe_key, campaign_id, created_at) \
+             VALUES ($1, $2, $3) ON CONFLICT (dedupe_key) DO UPDATE \
+             SET campaign_id = excluded.campaign_id, created_at = excluded.created_at",
+            vec![key.into(), id.into(), b.now.into()],
+        ))
+        .await?;
+        inserted.insert(key.to_string(), id);
+    }
+    Ok(inserted)
+}
+
+/// Who holds a dedupe key, and since when.
+#[derive(FromQueryResult)]
+struct Claim {
+    campaign_id: i64,
+    created_at: DateTime<Utc>,
+}
+
+async fn claim_of<C: ConnectionTrait>(conn: &C, dedupe_key: &str) -> Result<Option<Claim>, DbErr> {
+    Claim::find_by_statement(stmt(
+        conn,
+        "SELECT campaign_id, created_at FROM campaign_dedupe WHERE dedupe_key = $1",
+        vec![dedupe_key.into()],
+    ))
+    .one(conn)
+    .await
+}
+
+/// The values of [`COLUMNS`] for one campaign.
+fn row_values(b: &CampaignInsert) -> Result<[Value; VALUES_PER_ROW], DbErr> {
+    let c = b.campaign;
+    let audience = serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
+    Ok([
+        c.kind.clone().into(),
+        c.name.clone().into(),
+        c.created_by.clone().into(),
+        c.starts_at.into(),
+        c.ends_at.into(),
+        c.inform_type.as_str().into(),
+        c.title.clone().into(),
+        c.body.clone().into(),
+        audience.into(),
+        c.dedupe_key.clone().into(),
+        b.now.into(),
+        c.coupon_id.into(),
+    ])
+}
