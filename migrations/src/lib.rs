@@ -2,8 +2,8 @@
 //!
 //! [`Migrator`] lists the migrations in order: the membership reference tables, the
 //! marketing reference tables, herald's own campaign bookkeeping, the coupon delivery columns,
-//! then an index for segment bounds, running progress counters per campaign, and the
-//! table that claims each create's dedupe key. Run
+//! then an index for segment bounds, running progress counters per campaign, the table that
+//! claims each create's dedupe key, and the bucket count beside the progress counters. Run
 //! `Migrator::up(&db, None)` to create every table and `Migrator::down(&db, None)` to drop
 //! them again. Table and column names are a contract with the rest of the workspace.
 
@@ -16,6 +16,7 @@ mod m20261121_000004_coupon_delivery;
 mod m20261121_000005_segment_index;
 mod m20261121_000006_campaign_progress;
 mod m20261121_000007_campaign_dedupe;
+mod m20261121_000008_progress_buckets_total;
 
 /// Applies and rolls back herald's schema migrations, oldest first.
 pub struct Migrator;
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000005_segment_index::Migration),
             Box::new(m20261121_000006_campaign_progress::Migration),
             Box::new(m20261121_000007_campaign_dedupe::Migration),
+            Box::new(m20261121_000008_progress_buckets_total::Migration),
         ]
     }
 }

@@ -231,6 +231,7 @@ const SCHEMA: &[TableSpec] = &[
             ("sent", BIGINT, No),
             ("skipped", BIGINT, No),
             ("failed", BIGINT, No),
+            ("buckets_total", BIGINT, Yes),
         ],
     ),
     (
@@ -670,8 +671,54 @@ async fn dedupe_claims_start_from_the_newest_earlier_campaign_per_key() {
         })
         .collect();
     assert_eq!(got, vec![("j".to_string(), 2), ("k".to_string(), 3)]);
-    Migrator::down(&db, Some(1))
+    // Down past migration 8, then 7.
+    Migrator::down(&db, Some(2))
         .await
-        .expect("migrate down one");
+        .expect("migrate down two");
     assert!(!tables(&db).await.contains(&"campaign_dedupe".to_string()));
+}
+
+#[tokio::test]
+async fn progress_rows_get_the_bucket_counts_of_sharded_campaigns() {
+    // Before migration 8: campaign 1 sharded into 4 buckets with a progress row, campaign 2
+    // sharded into 2 with none yet, campaign 3 not sharded.
+    let db = Database::connect("sqlite::memory:")
+        .await
+        .expect("open in-memory sqlite");
+    Migrator::up(&db, Some(7)).await.expect("migrate up to 7");
+    for buckets in ["4", "2", "NULL"] {
+        db.execute_unprepared(&format!(
+            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, \
+             title, body, audience, status, dedupe_key, created_at, buckets_total) \
+             VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'running', 'k', {T}, \
+             {buckets})"
+        ))
+        .await
+        .expect("insert campaign");
+    }
+    db.execute_unprepared(
+        "INSERT INTO campaign_progress (campaign_id, buckets_done) VALUES (1, 3)",
+    )
+    .await
+    .expect("insert progress");
+    Migrator::up(&db, None).await.expect("migrate up");
+    let rows = db
+        .query_all(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT campaign_id, buckets_done, buckets_total FROM campaign_progress \
+             ORDER BY campaign_id",
+        ))
+        .await
+        .expect("select progress");
+    let got: Vec<(i64, i64, Option<i64>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "campaign_id").expect("campaign_id"),
+                r.try_get("", "buckets_done").expect("buckets_done"),
+                r.try_get("", "buckets_total").expect("buckets_total"),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 3, Some(4)), (2, 0, Some(2))]);
 }
