@@ -196,8 +196,9 @@ impl Store {
     }
 }
 
-/// SQLite, inside `txn` (which holds the database's write lock): each row's claim is read,
-/// and a row whose key is free or outside its window is inserted and claims it.
+/// SQLite, inside `txn`: each row's claim is read, and a row whose key is free or outside its
+/// window is inserted and claims it. SQLite runs one writer at a time, and a transaction that
+/// read a key before another committed a claim on it fails to write rather than claim again.
 async fn insert_claimed_one_by_one(
     txn: &DatabaseTransaction,
     owners: &[CampaignInsert<'_>],
