@@ -275,6 +275,34 @@ fn campaign_failure_insert(campaign_id: i64, user_id: i64) -> String {
     )
 }
 
+/// A campaign row with `status`, `dedupe_key`, `created_at` and `buckets_total` (SQL
+/// literals, so `{T}` or `NULL` fit).
+fn campaign_insert(
+    status: &str,
+    dedupe_key: &str,
+    created_at: &str,
+    buckets_total: &str,
+) -> String {
+    format!(
+        "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
+         body, audience, status, dedupe_key, created_at, buckets_total) \
+         VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', '{status}', \
+         '{dedupe_key}', {created_at}, {buckets_total})"
+    )
+}
+
+/// An in-memory SQLite database migrated up to and including migration `version`, as a
+/// database made before the later migrations would be.
+async fn sqlite_at(version: u32) -> DatabaseConnection {
+    let db = Database::connect("sqlite::memory:")
+        .await
+        .expect("open in-memory sqlite");
+    Migrator::up(&db, Some(version))
+        .await
+        .expect("migrate up to an earlier version");
+    db
+}
+
 /// Tables in the connected database, sorted, excluding the backend's own.
 async fn tables(db: &DatabaseConnection) -> Vec<String> {
     let sql = match db.get_database_backend() {
@@ -410,13 +438,9 @@ async fn assert_defaults_and_uniques(db: &DatabaseConnection) {
     assert_eq!(row.try_get::<i64>("", "id").expect("id"), 1);
     assert!(!row.try_get::<bool>("", "is_deleted").expect("is_deleted"));
 
-    db.execute_unprepared(&format!(
-        "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, title, \
-         body, audience, status, dedupe_key, created_at) \
-         VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'pending', 'k', {T})"
-    ))
-    .await
-    .expect("insert campaign");
+    db.execute_unprepared(&campaign_insert("pending", "k", T, "NULL"))
+        .await
+        .expect("insert campaign");
     let row = db
         .query_one(Statement::from_string(
             backend,
@@ -590,16 +614,9 @@ async fn postgres_up_down() {
 #[tokio::test]
 async fn progress_counters_start_from_the_records_of_earlier_campaigns() {
     // A database migrated before campaign_progress existed, with a campaign half done.
-    let db = Database::connect("sqlite::memory:")
-        .await
-        .expect("open in-memory sqlite");
-    Migrator::up(&db, Some(5)).await.expect("migrate up to 5");
+    let db = sqlite_at(5).await;
     for sql in [
-        format!(
-            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, \
-             title, body, audience, status, dedupe_key, created_at) \
-             VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'running', 'k', {T})"
-        ),
+        campaign_insert("running", "k", T, "NULL"),
         format!(
             "INSERT INTO campaign_bucket (campaign_id, bucket, parts, recipients, done_at) \
              VALUES (1, 0, 2, 150, {T}), (1, 1, 1, 40, {T})"
@@ -640,18 +657,11 @@ async fn progress_counters_start_from_the_records_of_earlier_campaigns() {
 async fn dedupe_claims_start_from_the_newest_earlier_campaign_per_key() {
     // A database migrated before campaign_dedupe existed: key k created twice (outside its
     // window), key j once.
-    let db = Database::connect("sqlite::memory:")
-        .await
-        .expect("open in-memory sqlite");
-    Migrator::up(&db, Some(6)).await.expect("migrate up to 6");
+    let db = sqlite_at(6).await;
     for (key, at) in [("k", "'2026-11-20 08:00:00+00'"), ("j", T), ("k", T)] {
-        db.execute_unprepared(&format!(
-            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, \
-             title, body, audience, status, dedupe_key, created_at) \
-             VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'done', '{key}', {at})"
-        ))
-        .await
-        .expect("insert campaign");
+        db.execute_unprepared(&campaign_insert("done", key, at, "NULL"))
+            .await
+            .expect("insert campaign");
     }
     Migrator::up(&db, None).await.expect("migrate up");
     let rows = db
@@ -682,19 +692,11 @@ async fn dedupe_claims_start_from_the_newest_earlier_campaign_per_key() {
 async fn progress_rows_get_the_bucket_counts_of_sharded_campaigns() {
     // Before migration 8: campaign 1 sharded into 4 buckets with a progress row, campaign 2
     // sharded into 2 with none yet, campaign 3 not sharded.
-    let db = Database::connect("sqlite::memory:")
-        .await
-        .expect("open in-memory sqlite");
-    Migrator::up(&db, Some(7)).await.expect("migrate up to 7");
+    let db = sqlite_at(7).await;
     for buckets in ["4", "2", "NULL"] {
-        db.execute_unprepared(&format!(
-            "INSERT INTO campaign (kind, name, created_by, starts_at, ends_at, inform_type, \
-             title, body, audience, status, dedupe_key, created_at, buckets_total) \
-             VALUES ('push', 'n', 'ops', {T}, {T}, 'app', 't', 'b', '{{}}', 'running', 'k', {T}, \
-             {buckets})"
-        ))
-        .await
-        .expect("insert campaign");
+        db.execute_unprepared(&campaign_insert("running", "k", T, buckets))
+            .await
+            .expect("insert campaign");
     }
     db.execute_unprepared(
         "INSERT INTO campaign_progress (campaign_id, buckets_done) VALUES (1, 3)",

@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CouponDelivery, CreateCouponRequest, SegmentFilter};
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, FromQueryResult, Statement,
-    TransactionTrait, Value,
+    ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, Value,
 };
 
 use crate::store::{audience_sql, record_batches_in, stmt, BatchRecord, Store};
@@ -140,10 +139,6 @@ pub enum Release {
     NotFound,
     /// The item belongs to another user.
     OtherUser,
-}
-
-fn tx_stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
-    Statement::from_sql_and_values(backend, sql, values)
 }
 
 impl Store {
@@ -385,7 +380,6 @@ impl Store {
             user_account_id: i64,
         }
         let txn = self.db().begin().await?;
-        let backend = txn.get_database_backend();
         let mut by_coupon: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
         for (c, u) in &pairs {
             by_coupon.entry(*c).or_default().push(*u);
@@ -395,9 +389,8 @@ impl Store {
         for (coupon, users) in by_coupon {
             let stock_sql =
                 "SELECT coupon_count, coupon_received_count FROM sales_promotion_coupon WHERE id = $1";
-            let read = || {
-                Stock::find_by_statement(tx_stmt(backend, stock_sql, vec![coupon.into()])).one(&txn)
-            };
+            let read =
+                || Stock::find_by_statement(stmt(&txn, stock_sql, vec![coupon.into()])).one(&txn);
             let Some(first) = read().await? else { continue };
             if first.coupon_count.is_none() {
                 // Unlimited: no lock, so it cannot wait on other batches' inserts.
@@ -406,8 +399,8 @@ impl Store {
             }
             // A no-op write takes the row lock (PostgreSQL) or the write lock (SQLite); the
             // stock read after it is stable until commit.
-            txn.execute(tx_stmt(
-                backend,
+            txn.execute(stmt(
+                &txn,
                 "UPDATE sales_promotion_coupon SET coupon_received_count = coupon_received_count \
                  WHERE id = $1",
                 vec![coupon.into()],
@@ -424,8 +417,8 @@ impl Store {
                 let ph: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
                 let mut values: Vec<Value> = vec![coupon.into()];
                 values.extend(chunk.iter().map(|u| Value::from(*u)));
-                let rows = Holder::find_by_statement(tx_stmt(
-                    backend,
+                let rows = Holder::find_by_statement(stmt(
+                    &txn,
                     &format!(
                         "SELECT user_account_id FROM sales_promotion_coupon_item \
                          WHERE coupon_id = $1 AND user_account_id IN ({})",
@@ -472,7 +465,6 @@ async fn insert_items(
         coupon_id: i64,
         user_account_id: i64,
     }
-    let backend = txn.get_database_backend();
     let mut out = Vec::new();
     for chunk in pairs.chunks(INSERT_CHUNK) {
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 2 + 2);
@@ -499,7 +491,7 @@ async fn insert_items(
             n + 2,
             n + 2
         );
-        let inserted = Row::find_by_statement(tx_stmt(backend, &sql, values))
+        let inserted = Row::find_by_statement(stmt(txn, &sql, values))
             .all(txn)
             .await?;
         out.extend(inserted.into_iter().map(|r| IssuedItem {
@@ -519,7 +511,6 @@ async fn bump_counts(
     now: DateTime<Utc>,
     guard: bool,
 ) -> Result<bool, DbErr> {
-    let backend = txn.get_database_backend();
     let mut counts: BTreeMap<i64, i64> = BTreeMap::new();
     for it in items {
         *counts.entry(it.coupon_id).or_default() += 1;
@@ -531,8 +522,8 @@ async fn bump_counts(
     };
     for (coupon, k) in counts {
         let r = txn
-            .execute(tx_stmt(
-                backend,
+            .execute(stmt(
+                txn,
                 &format!(
                     "UPDATE sales_promotion_coupon SET coupon_received_count = \
                      coupon_received_count + $1, updated_at = $2 WHERE id = $3{cond}"

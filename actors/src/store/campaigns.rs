@@ -127,7 +127,7 @@ impl Store {
     }
 
     /// The campaign that holds `dedupe_key` if it was created at or after `since`.
-    pub async fn find_duplicate(
+    async fn find_duplicate(
         &self,
         dedupe_key: &str,
         since: DateTime<Utc>,
