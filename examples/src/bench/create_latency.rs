@@ -28,6 +28,12 @@ impl Latencies {
         self.0[i]
     }
 
+    /// The mean.
+    pub fn mean(&self) -> Duration {
+        let n = u32::try_from(self.0.len()).unwrap_or(u32::MAX).max(1);
+        self.0.iter().sum::<Duration>() / n
+    }
+
     /// `p50 … ms  p99 … ms  max … ms`.
     pub fn summary(&self) -> String {
         let ms = |q: f64| self.quantile(q).as_secs_f64() * 1e3;

@@ -427,6 +427,22 @@ async fn main() -> anyhow::Result<()> {
             "cpu µs per no-op request (the same requesters):          {}",
             floor_cpu.micros_per(floor_closed.0.len() as f64)
         );
+        // Little's law: a closed loop holds `requesters` requests at once, so their mean
+        // latency is requesters ÷ throughput, and throughput is at most cores ÷ CPU per request.
+        let bound = |cpu: &proc::CpuSnapshot, l: &create_latency::Latencies| {
+            let per = cpu.total() / l.0.len().max(1) as f64;
+            let ms = args.requesters as f64 * per / cores().max(1) as f64 * 1e3;
+            format!(
+                "mean {:.2} ms, bound {ms:.2} ms",
+                l.mean().as_secs_f64() * 1e3
+            )
+        };
+        println!(
+            "back to back, requesters x cpu per request / {} cores bounds the mean: create {}; no-op {}",
+            cores(),
+            bound(&cpu, &lat),
+            bound(&floor_cpu, &floor_closed)
+        );
         env.cleanup().await?;
         return Ok(());
     }
