@@ -37,6 +37,24 @@ impl MigratorTrait for Migrator {
     }
 }
 
+/// `url` (a database URL) with its database name replaced by `database`; its parameters,
+/// such as `?sslmode=disable`, are kept.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{database}?{query}"),
+        None => format!("{server}/{database}"),
+    }
+}
+
 /// A `BIGINT` auto-increment primary key (`bigserial` on PostgreSQL).
 ///
 /// sea-query's own `schema::pk_auto` is a 32-bit `integer`; ids here are 64-bit. On SQLite
@@ -80,4 +98,25 @@ where
 /// Drops `table`; its indexes go with it on both backends.
 fn drop_table<T: IntoIden + 'static>(table: T) -> TableDropStatement {
     Table::drop().table(table).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn with_database_replaces_only_the_path() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h/db?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h:5432", "x"),
+            "postgres://h:5432/x"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use herald_migrations::Migrator;
+use herald_migrations::{with_database, Migrator};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, SqlErr, Statement};
 use sea_orm_migration::MigratorTrait;
 
@@ -523,39 +523,6 @@ async fn sqlite_up_down_up() {
     Migrator::up(&db, None).await.expect("migrate up again");
     assert_eq!(tables(&db).await, expected_tables());
     assert_defaults_and_uniques(&db).await;
-}
-
-/// `url` with its database name replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let server = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{server}/{database}?{query}"),
-        None => format!("{server}/{database}"),
-    }
-}
-
-#[test]
-fn with_database_replaces_only_the_path() {
-    assert_eq!(
-        with_database("postgres://postgres@127.0.0.1:5432/postgres", "x"),
-        "postgres://postgres@127.0.0.1:5432/x"
-    );
-    assert_eq!(
-        with_database("postgres://u:p@h/db?sslmode=disable", "x"),
-        "postgres://u:p@h/x?sslmode=disable"
-    );
-    assert_eq!(
-        with_database("postgres://h:5432", "x"),
-        "postgres://h:5432/x"
-    );
 }
 
 async fn postgres_body(url: String) {

@@ -66,13 +66,10 @@ impl TestEnv {
             ))
             .await?;
         admin.close().await?;
-        let base = admin_url
-            .rsplit_once('/')
-            .map(|(b, _)| b)
-            .unwrap_or(&admin_url);
         let mut config = Config::default();
         config.nats.prefix = prefix.clone();
-        config.database.url = format!("{base}/{db_name}");
+        // Keeps the admin URL's parameters (`?sslmode=disable`, say) for the test database.
+        config.database.url = herald_migrations::with_database(&admin_url, &db_name);
         config.database.max_connections = 10;
         config.pipeline.progress_interval_ms = 200;
         config.pipeline.push.ack_wait_secs = 5;
