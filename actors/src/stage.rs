@@ -6,7 +6,7 @@
 use std::{marker::PhantomData, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use herald_nats::{consume, Delivery, Outcome};
+use herald_nats::{consume, Delivery, NatsError, Outcome};
 use herald_schemas::Subjects;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
@@ -111,13 +111,20 @@ impl<S: Stage> Actor for StageWorker<S> {
                     async move { stage.handle(d).await }
                 },
             ));
-            let reason = match run.await {
+            let (reason, expected) = match run.await {
                 Ok(Ok(())) if loop_stop.is_cancelled() => return,
-                Ok(Ok(())) => "consume loop ended".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => format!("consume loop panicked: {e}"),
+                // Most likely another node finished the campaign and removed its consumers;
+                // the supervisor checks, and restarts the stage if not.
+                Ok(Err(e @ NatsError::ConsumerDeleted(_))) => (e.to_string(), true),
+                Ok(Ok(())) => ("consume loop ended".to_string(), false),
+                Ok(Err(e)) => (e.to_string(), false),
+                Err(e) => (format!("consume loop panicked: {e}"), false),
             };
-            tracing::warn!(campaign_id, stage = S::NAME, reason = %reason, "stage loop exited");
+            if expected {
+                tracing::info!(campaign_id, stage = S::NAME, reason = %reason, "stage loop exited");
+            } else {
+                tracing::warn!(campaign_id, stage = S::NAME, reason = %reason, "stage loop exited");
+            }
             let _ = myself.send_message(StageMsg::LoopExited(reason));
         });
         Ok(StageState {

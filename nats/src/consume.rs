@@ -3,9 +3,18 @@
 //! after the work; a retry naks with a growing delay; the last failed delivery, or a message
 //! the handler rejects, goes to the dead-letter stream with the reason and is terminated.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::jetstream::{
+    self,
+    consumer::pull::{MessagesError, MessagesErrorKind},
+    consumer::PullConsumer,
+    AckKind,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_schemas::{encode, DeadLetter, Subjects, SCHEMA_VERSION};
@@ -103,7 +112,8 @@ impl Delivery {
 
 /// Pulls from `consumer` until `stop` resolves, handling up to `settings.concurrency` messages
 /// at once. Messages in flight when `stop` resolves are finished and settled; those not yet
-/// started are left unacked and come back to some worker after the ack wait.
+/// started are left unacked and come back to some worker after the ack wait. Returns
+/// [`NatsError::ConsumerDeleted`] when the consumer is deleted under it.
 pub async fn consume<H, Fut, S>(
     js: jetstream::Context,
     subjects: Subjects,
@@ -129,6 +139,8 @@ where
         .await
         .map_err(|e| NatsError::Topology(format!("consumer {durable}: {e}")))?;
     let _ = consumer.info().await;
+    let deleted = AtomicBool::new(false);
+    let deleted = &deleted;
     let messages = messages.take_until(stop);
     messages
         .for_each_concurrent(settings.concurrency.max(1), |item| {
@@ -142,8 +154,7 @@ where
                 let msg = match item {
                     Ok(m) => m,
                     Err(e) => {
-                        // Heartbeat and pull errors are usually transient: keep going.
-                        tracing::warn!(consumer = %durable, error = %e, "pull error");
+                        pull_error(&durable, &e, deleted);
                         return;
                     }
                 };
@@ -171,6 +182,26 @@ where
             }
         })
         .await;
+    ended(durable, deleted)
+}
+
+/// Logs a pull error. Heartbeat and pull errors are usually transient, and the stream goes
+/// on. A deleted consumer ends it: that is how a campaign's stages learn that another node
+/// finished it, so it is noted in `deleted` and logged as news, not as a fault.
+pub(crate) fn pull_error(durable: &str, e: &MessagesError, deleted: &AtomicBool) {
+    if e.kind() == MessagesErrorKind::ConsumerDeleted {
+        deleted.store(true, Ordering::Relaxed);
+        tracing::info!(consumer = %durable, "consumer deleted, pulling stops");
+    } else {
+        tracing::warn!(consumer = %durable, error = %e, "pull error");
+    }
+}
+
+/// How a consume loop that has run to its end returns.
+pub(crate) fn ended(durable: String, deleted: &AtomicBool) -> Result<(), NatsError> {
+    if deleted.load(Ordering::Relaxed) {
+        return Err(NatsError::ConsumerDeleted(durable));
+    }
     Ok(())
 }
 

@@ -3,14 +3,14 @@
 //! Redis call and one multi-row insert for all of them. Each message is still settled on its
 //! own by the outcome the handler returned for it: ack, retry with backoff, or dead letter.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::atomic::AtomicBool, time::Duration};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use herald_schemas::Subjects;
 
 use crate::{
-    consume::{settle, with_progress, ConsumeSettings, Delivery, Outcome},
+    consume::{ended, pull_error, settle, with_progress, ConsumeSettings, Delivery, Outcome},
     NatsError,
 };
 
@@ -25,7 +25,8 @@ pub struct BatchSettings {
 
 /// Pulls from `consumer` until `stop` resolves and hands ready messages to `handler` in
 /// batches of up to `batch_size`, `consume.concurrency` batches at once. The handler returns
-/// one outcome per delivery, in order; a missing outcome counts as a retry.
+/// one outcome per delivery, in order; a missing outcome counts as a retry. Returns
+/// [`NatsError::ConsumerDeleted`] when the consumer is deleted under it.
 pub async fn consume_batches<H, Fut, S>(
     js: jetstream::Context,
     subjects: Subjects,
@@ -53,6 +54,8 @@ where
         .await
         .map_err(|e| NatsError::Topology(format!("consumer {durable}: {e}")))?;
     let _ = consumer.info().await;
+    let deleted = AtomicBool::new(false);
+    let deleted = &deleted;
     let batches = messages.take_until(stop).ready_chunks(size);
     batches
         .for_each_concurrent(concurrency, |items| {
@@ -76,7 +79,7 @@ where
                                 tracing::warn!(consumer = %durable, "message without jetstream info, ignored")
                             }
                         },
-                        Err(e) => tracing::warn!(consumer = %durable, error = %e, "pull error"),
+                        Err(e) => pull_error(&durable, &e, deleted),
                     }
                 }
                 if msgs.is_empty() {
@@ -100,5 +103,5 @@ where
             }
         })
         .await;
-    Ok(())
+    ended(durable, deleted)
 }

@@ -44,4 +44,8 @@ pub enum NatsError {
     /// Encoding a message failed.
     #[error("encode: {0}")]
     Encode(#[from] herald_schemas::CodecError),
+    /// The consumer was deleted while pulling from it: another node finished the campaign
+    /// and removed its consumers, or an operator did.
+    #[error("consumer {0} was deleted")]
+    ConsumerDeleted(String),
 }

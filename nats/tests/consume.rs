@@ -536,3 +536,44 @@ async fn stop_finishes_and_acks_the_message_in_flight() {
     })
     .await;
 }
+
+/// How a campaign's stages on other nodes learn that one node finished it: the finisher
+/// deletes the consumers, and each loop must end with `ConsumerDeleted`, not go on or end
+/// looking like a fault.
+#[tokio::test]
+async fn deleting_the_consumer_ends_consume_with_consumer_deleted() {
+    with_topology(|env| async move {
+        env.publish("bucket-1", &["before"]).await;
+        let seen = Seen::default();
+        let running = env
+            .start(fast_retries(), {
+                let seen = seen.clone();
+                move |d: Delivery| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.record(&d);
+                        Outcome::Done
+                    }
+                }
+            })
+            .await;
+        eventually(Duration::from_secs(10), "the message is handled", || {
+            let seen = seen.clone();
+            async move { seen.len() == 1 }
+        })
+        .await;
+        env.topology
+            .delete_consumer(&env.subjects.push_stream(), &env.durable())
+            .await
+            .expect("delete the consumer");
+        let ended = tokio::time::timeout(Duration::from_secs(15), running.task)
+            .await
+            .expect("consume returns within 15 s of the deletion")
+            .expect("consume task did not panic");
+        match ended {
+            Err(NatsError::ConsumerDeleted(durable)) => assert_eq!(durable, env.durable()),
+            other => panic!("expected ConsumerDeleted, got {other:?}"),
+        }
+    })
+    .await;
+}
