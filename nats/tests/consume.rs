@@ -243,6 +243,18 @@ impl Seen {
     fn len(&self) -> usize {
         self.0.lock().expect("seen lock").len()
     }
+
+    /// A handler that records each delivery here and answers `outcome` for it.
+    fn handler(
+        &self,
+        outcome: fn(&Delivery) -> Outcome,
+    ) -> impl Fn(Delivery) -> std::future::Ready<Outcome> + Clone + Send + Sync + 'static {
+        let seen = self.clone();
+        move |d| {
+            seen.record(&d);
+            std::future::ready(outcome(&d))
+        }
+    }
 }
 
 /// How many times each payload was delivered.
@@ -280,16 +292,7 @@ async fn done_acks_every_message_and_the_handler_sees_each_once() {
 
         let seen = Seen::default();
         let running = env
-            .start(fast_retries(), {
-                let seen = seen.clone();
-                move |d: Delivery| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.record(&d);
-                        Outcome::Done
-                    }
-                }
-            })
+            .start(fast_retries(), seen.handler(|_| Outcome::Done))
             .await;
         eventually(Duration::from_secs(10), "all messages acked", || {
             let env = env.clone();
@@ -323,16 +326,7 @@ async fn retrying_gives_up_after_max_deliver_into_the_dead_letter_stream() {
         env.publish("bucket-1", &["doomed"]).await;
         let seen = Seen::default();
         let running = env
-            .start(fast_retries(), {
-                let seen = seen.clone();
-                move |d: Delivery| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.record(&d);
-                        Outcome::retry("boom")
-                    }
-                }
-            })
+            .start(fast_retries(), seen.handler(|_| Outcome::retry("boom")))
             .await;
         eventually(Duration::from_secs(15), "the dead letter", || {
             let env = env.clone();
@@ -377,18 +371,12 @@ async fn reject_dead_letters_at_the_first_delivery() {
         env.publish("bucket-1", &["garbage"]).await;
         let seen = Seen::default();
         let running = env
-            .start(fast_retries(), {
-                let seen = seen.clone();
-                move |d: Delivery| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.record(&d);
-                        Outcome::Reject {
-                            reason: "cannot decode push batch".into(),
-                        }
-                    }
-                }
-            })
+            .start(
+                fast_retries(),
+                seen.handler(|_| Outcome::Reject {
+                    reason: "cannot decode push batch".into(),
+                }),
+            )
             .await;
         eventually(Duration::from_secs(10), "the dead letter", || {
             let env = env.clone();
@@ -431,20 +419,16 @@ async fn a_poison_message_does_not_block_the_good_ones() {
             ..fast_retries()
         };
         let running = env
-            .start(settings, {
-                let seen = seen.clone();
-                move |d: Delivery| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.record(&d);
-                        if d.payload.as_ref() == b"poison" {
-                            Outcome::retry("poisoned")
-                        } else {
-                            Outcome::Done
-                        }
+            .start(
+                settings,
+                seen.handler(|d| {
+                    if d.payload.as_ref() == b"poison" {
+                        Outcome::retry("poisoned")
+                    } else {
+                        Outcome::Done
                     }
-                }
-            })
+                }),
+            )
             .await;
         eventually(
             Duration::from_secs(15),
@@ -546,16 +530,7 @@ async fn deleting_the_consumer_ends_consume_with_consumer_deleted() {
         env.publish("bucket-1", &["before"]).await;
         let seen = Seen::default();
         let running = env
-            .start(fast_retries(), {
-                let seen = seen.clone();
-                move |d: Delivery| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.record(&d);
-                        Outcome::Done
-                    }
-                }
-            })
+            .start(fast_retries(), seen.handler(|_| Outcome::Done))
             .await;
         eventually(Duration::from_secs(10), "the message is handled", || {
             let seen = seen.clone();
