@@ -265,8 +265,8 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<()> {
         ledger.duplicates()
     );
     if args.keep_running {
-        println!("node keeps running; create more campaigns with `herald campaign create --file req.json`; Ctrl-C stops");
-        let _ = tokio::signal::ctrl_c().await;
+        println!("node keeps running; create more campaigns with `herald campaign create --file req.json`; Ctrl-C or SIGTERM stops");
+        crate::shutdown_signal().await;
     }
     engine.shutdown().await?;
     if status.status != herald_schemas::CampaignState::Completed {

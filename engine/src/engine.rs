@@ -29,9 +29,6 @@ pub struct Engine {
     root: Option<(ActorRef<RootMsg>, JoinHandle<()>)>,
     api: Option<JoinHandle<()>>,
     stop: CancellationToken,
-    /// An engine dropped without `shutdown` still stops its API, whose thread would
-    /// otherwise keep answering.
-    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// Builds an [`Engine`] from a [`Config`], with providers from the config unless set here.
@@ -215,7 +212,6 @@ impl Engine {
             shared,
             root,
             api,
-            _stop_on_drop: stop.clone().drop_guard(),
             stop,
         })
     }
@@ -234,20 +230,33 @@ impl Engine {
     }
 
     /// Stops pulling new work, lets in-flight work settle, stops the API, flushes NATS.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.stop.cancel();
         let drain = self.shared.settings.push.ack_wait * 4;
-        if let Some((root, handle)) = self.root {
+        if let Some((root, handle)) = self.root.take() {
             root.stop(Some("shutdown".into()));
             if tokio::time::timeout(drain, handle).await.is_err() {
                 tracing::warn!("actors did not stop in time");
             }
         }
-        if let Some(api) = self.api {
+        if let Some(api) = self.api.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), api).await;
         }
         let _ = self.shared.nats.flush().await;
         tracing::info!(node = %self.shared.node_id, "herald node stopped");
         Ok(())
+    }
+}
+
+/// An engine dropped without [`Engine::shutdown`] (an embedder's early return, an interrupted
+/// benchmark) stops too, without waiting: its API stops answering and its actors stop
+/// pulling; in-flight messages not acked are redelivered by JetStream.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The API runs on a thread of its own, which would otherwise keep answering.
+        self.stop.cancel();
+        if let Some((root, _)) = self.root.take() {
+            root.stop(Some("engine dropped".into()));
+        }
     }
 }

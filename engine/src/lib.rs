@@ -19,6 +19,7 @@ pub mod dev;
 pub mod engine;
 pub mod providers;
 pub mod seed;
+pub mod signal;
 pub mod testkit;
 
 pub use config::Config;
@@ -26,3 +27,4 @@ pub use engine::{Engine, EngineBuilder};
 pub use herald_actors as actors;
 pub use herald_actors::provider::{Provider, Providers, Push, SendError};
 pub use herald_schemas as schemas;
+pub use signal::shutdown_signal;

@@ -14,7 +14,7 @@ use herald_engine::{
         CouponStatusReply, CouponStatusRequest, CreateCampaignReply, CreateCouponReply, Encoding,
         Subjects,
     },
-    seed, Engine,
+    seed, shutdown_signal, Engine,
 };
 
 // The pipeline allocates many small buffers per batch (Redis frames, messages, rows); glibc's
@@ -190,27 +190,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("signal received, draining");
     engine.shutdown().await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 async fn campaign(config: Config, command: CampaignCommand) -> anyhow::Result<()> {

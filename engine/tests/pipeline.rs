@@ -362,6 +362,56 @@ async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_dropped_mid_campaign_stops_sending_and_loses_nothing() {
+    let env = TestEnv::new("dropped").await.unwrap();
+    env.seed(10_000).await.unwrap();
+    let provider = simulated(200);
+    let ledger = provider.ledger();
+    let mut config = env.config.clone();
+    // About 1,000 users/s: the campaign is still running when the engine is dropped.
+    config.pipeline.push.concurrency = 2;
+    let first = Engine::builder(config.clone())
+        .provider_for_all(provider.clone())
+        .start()
+        .await
+        .unwrap();
+    let reply = env.create(&promo("dropped")).await.unwrap().unwrap();
+    assert!(
+        wait_until(LONG, || async { ledger.total() >= 500 }).await,
+        "the campaign got going"
+    );
+    drop(first);
+    // In-flight batches may finish; after that nothing more is sent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = ledger.total();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = ledger.total();
+        if now == seen {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped engine kept sending ({now})"
+        );
+        seen = now;
+    }
+    assert!(seen < 10_000, "the dropped engine finished the campaign");
+
+    let second = Engine::builder(config)
+        .provider_for_all(provider)
+        .start()
+        .await
+        .unwrap();
+    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
+    assert_eq!(ledger.duplicates(), 0, "no user got two pushes");
+    assert_eq!(ledger.total(), 10_000);
+    assert_eq!(s.sent, 10_000);
+    second.shutdown().await.unwrap();
+    env.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_campaign_reaches_exactly_the_segment() {
     let env = TestEnv::new("segment").await.unwrap();
     env.seed(5_000).await.unwrap();

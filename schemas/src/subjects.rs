@@ -20,12 +20,17 @@ impl Subjects {
         &self.prefix
     }
 
-    fn stream(&self, name: &str) -> String {
+    /// What every stream name under this prefix starts with: `HERALD_` for `herald`.
+    pub fn stream_prefix(&self) -> String {
         format!(
-            "{}_{}",
-            self.prefix.to_ascii_uppercase().replace(['.', '-'], "_"),
-            name
+            "{}_",
+            self.prefix.to_ascii_uppercase().replace(['.', '-'], "_")
         )
+    }
+
+    /// The stream `<PREFIX>_<name>`.
+    pub fn stream(&self, name: &str) -> String {
+        format!("{}{name}", self.stream_prefix())
     }
 
     /// Request subject: create a campaign.
@@ -147,6 +152,8 @@ mod tests {
     fn names_derive_from_prefix() {
         let s = Subjects::new("t-1");
         assert_eq!(s.push_stream(), "T_1_PUSH");
+        assert!(s.push_stream().starts_with(&s.stream_prefix()));
+        assert_eq!(s.stream("BASELINE"), "T_1_BASELINE");
         assert_eq!(s.push(42), "t-1.push.42");
         assert_eq!(s.api_campaign_create(), "t-1.api.campaign.create");
     }

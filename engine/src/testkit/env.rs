@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context;
 use fred::interfaces::ClientLike;
+use futures::{FutureExt, StreamExt};
 use herald_schemas::{
     CampaignState, CampaignStatusReply, CampaignStatusRequest, CreateCampaignReply,
     CreateCampaignRequest, Encoding, Subjects,
@@ -88,6 +89,11 @@ impl TestEnv {
             nats,
             db_name,
         })
+    }
+
+    /// The environment's database name.
+    pub fn db_name(&self) -> &str {
+        &self.db_name
     }
 
     /// Subject names of the environment.
@@ -204,17 +210,19 @@ impl TestEnv {
         Ok(s)
     }
 
-    /// Deletes the environment's streams, Redis keys and database.
-    pub async fn cleanup(self) -> anyhow::Result<()> {
+    /// Deletes the environment's streams (every stream under its prefix, scratch streams
+    /// included), Redis keys and database.
+    pub async fn cleanup(&self) -> anyhow::Result<()> {
         let js = async_nats::jetstream::new(self.nats.clone());
-        let s = self.subjects();
-        for stream in [
-            s.campaigns_stream(),
-            s.buckets_stream(),
-            s.push_stream(),
-            s.dead_letter_stream(),
-            s.events_stream(),
-        ] {
+        let ours = self.subjects().stream_prefix();
+        // Listed first and deleted after: deleting while paging could skip a name.
+        let names: Vec<String> = js
+            .stream_names()
+            .filter_map(|n| async move { n.ok() })
+            .filter(|n| futures::future::ready(n.starts_with(&ours)))
+            .collect()
+            .await;
+        for stream in names {
             let _ = js.delete_stream(&stream).await;
         }
         if let Ok(redis) =
@@ -223,7 +231,7 @@ impl TestEnv {
             herald_actors::markers::delete_matching(&redis, &format!("{}:*", self.prefix)).await?;
             let _ = redis.quit().await;
         }
-        self.db.close().await?;
+        self.db.clone().close().await?;
         let admin = Database::connect(&pg_admin_url()).await?;
         admin
             .execute(Statement::from_string(
@@ -232,6 +240,45 @@ impl TestEnv {
             ))
             .await?;
         Ok(())
+    }
+
+    /// Runs `work` on this environment, then removes the environment whatever happened:
+    /// `work` finished or failed, panicked (a closed stdout makes `println!` panic), or
+    /// SIGINT / SIGTERM came first. So an interrupted benchmark leaves no database behind. A
+    /// panic goes on after the cleanup; a signal is an error.
+    pub async fn run_and_cleanup<T>(
+        &self,
+        work: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let outcome = tokio::select! {
+            r = std::panic::AssertUnwindSafe(work).catch_unwind() => Some(r),
+            _ = crate::shutdown_signal() => None,
+        };
+        let cleaned = self.cleanup().await;
+        match outcome {
+            Some(Ok(Ok(value))) => cleaned.map(|()| value),
+            Some(Ok(Err(e))) => {
+                if let Err(c) = cleaned {
+                    eprintln!("cleanup after an error failed: {c:#}");
+                }
+                Err(e)
+            }
+            Some(Err(panic)) => {
+                if let Err(c) = cleaned {
+                    eprintln!("cleanup after a panic failed: {c:#}");
+                }
+                std::panic::resume_unwind(panic)
+            }
+            None => {
+                cleaned?;
+                anyhow::bail!(
+                    "interrupted; database {}, streams {}* and keys {}:* removed",
+                    self.db_name,
+                    self.subjects().stream_prefix(),
+                    self.prefix
+                )
+            }
+        }
     }
 }
 

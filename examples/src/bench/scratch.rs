@@ -15,11 +15,8 @@ pub async fn stream_with_consumer(
     name: &str,
     consumer: pull::Config,
 ) -> anyhow::Result<(String, String, pull::Stream)> {
-    let stream_name = format!(
-        "{}_{}",
-        prefix.to_ascii_uppercase(),
-        name.to_ascii_uppercase()
-    );
+    let stream_name =
+        herald_engine::schemas::Subjects::new(prefix).stream(&name.to_ascii_uppercase());
     let subject = format!("{prefix}.{name}");
     let _ = js.delete_stream(&stream_name).await;
     let st = js

@@ -18,6 +18,8 @@ mod create_latency;
 mod logins;
 #[path = "../bench/proc.rs"]
 mod proc;
+#[path = "../bench/report.rs"]
+mod report;
 #[path = "../bench/scratch.rs"]
 mod scratch;
 
@@ -31,6 +33,7 @@ use herald_engine::{
     testkit::TestEnv,
     Engine,
 };
+use report::{cores, mb, print_columns, print_logins, print_report, Measured, PushResult, Run};
 use sea_orm::ConnectionTrait;
 use serde_json::json;
 
@@ -111,22 +114,6 @@ struct Args {
     /// Skip the logins scenario.
     #[arg(long, conflicts_with = "only_logins")]
     skip_logins: bool,
-}
-
-#[derive(Clone)]
-struct PushResult {
-    seconds: f64,
-    /// Resident memory when the push started (left over from earlier scenarios included).
-    start_rss: u64,
-    /// From the create request to the provider's first call, and from its last call's end
-    /// to `completed` being seen: the campaign's start and its tail.
-    start_and_tail: Option<(f64, f64)>,
-    cpu: proc::CpuSnapshot,
-    peak_rss: u64,
-    redis_added: i64,
-    sent: i64,
-    duplicates: u64,
-    missing: u64,
 }
 
 async fn redis_used_memory(url: &str) -> anyhow::Result<i64> {
@@ -280,88 +267,8 @@ async fn floor(
 async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
     let env = TestEnv::new("logins").await?;
     let config = bench_config(&env, args);
-    let result = logins::run(&env, config, args.logins, args.login_users).await;
-    let cleaned = env.cleanup().await;
-    let result = result?;
-    cleaned?;
-    Ok(result)
-}
-
-/// The rounds of one push scenario as one row: time and CPU of the median round (by
-/// users/s); for the bounds (peak RSS, Redis added) the worst round; duplicates and misses
-/// summed over all rounds.
-fn summary(rounds: &[PushResult], rate: impl Fn(&PushResult) -> f64) -> PushResult {
-    let mut row = rounds[median_index(&rounds.iter().map(rate).collect::<Vec<_>>())].clone();
-    row.peak_rss = rounds.iter().map(|r| r.peak_rss).max().unwrap_or(0);
-    row.redis_added = rounds.iter().map(|r| r.redis_added).max().unwrap_or(0);
-    row.duplicates = rounds.iter().map(|r| r.duplicates).sum();
-    row.missing = rounds.iter().map(|r| r.missing).sum();
-    row
-}
-
-/// The index of the median value (the lower middle of an even count).
-fn median_index(values: &[f64]) -> usize {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-    order[(order.len().max(1) - 1) / 2]
-}
-
-fn median(values: &[f64]) -> f64 {
-    values[median_index(values)]
-}
-
-fn mb(b: i64) -> f64 {
-    b as f64 / 1_048_576.0
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0)
-}
-
-fn print_columns() {
-    println!(
-        "{:<34} {:>10} {:>12} {:>9} {:>10} {:>11} {:>6} {:>6}",
-        "scenario", "seconds", "users/s", "cpu s", "peak RSS", "redis add", "dups", "miss"
-    );
-}
-
-/// The logins row (rate in logins/s, engine CPU) and a line of detail under it.
-fn print_logins(r: &logins::LoginsResult) {
-    println!(
-        "{:<34} {:>10.1} {:>12.0} {:>9.1} {:>8.1}MB {:>9.2}MB {:>6} {:>6}",
-        format!("logins, {} lazy coupons (logins/s)", r.coupons),
-        r.seconds,
-        r.logins_per_sec(),
-        r.engine_cpu,
-        mb(r.peak_rss as i64),
-        mb(r.redis_added),
-        r.duplicates,
-        r.missing()
-    );
-    let servers: Vec<String> = r
-        .server_cpu
-        .iter()
-        .map(|(name, cpu)| format!("{name} {cpu:.1}"))
-        .collect();
-    println!(
-        "{:<34} {} logins of {} users; {} items of {} ({:.0} items/s, all in {:.1} s); \
-         limited {} of {}, oversold {}; publish {:.1} s; cpu s: publisher {:.1}, {}",
-        "",
-        r.events,
-        r.distinct_users,
-        r.items,
-        r.expected_items,
-        r.items_per_sec(),
-        r.items_seconds,
-        r.limited_items,
-        r.limited_total,
-        r.oversold(),
-        r.publish_seconds,
-        r.publisher_cpu,
-        servers.join(", ")
-    );
+    env.run_and_cleanup(logins::run(&env, config, args.logins, args.login_users))
+        .await
 }
 
 #[tokio::main]
@@ -386,66 +293,93 @@ async fn main() -> anyhow::Result<()> {
     }
     let env = TestEnv::new("bench").await?;
     if args.only_create {
-        if args.seed_users > 0 {
-            env.seed(args.seed_users).await?;
-        }
-        let mut config = bench_config(&env, &args);
-        config.node.run_pipeline = !args.api_only;
-        let engine = Engine::builder(config).start().await?;
-        let cpu0 = proc::CpuSnapshot::now();
-        let tag = if args.api_only { "api" } else { "full" };
-        let lat = create_latency::run(&env.nats, &env.subjects(), tag, load(&args, false)).await?;
-        let cpu = proc::CpuSnapshot::since(&cpu0);
-        let paced = paced_creates(&env, &args, tag).await?;
-        engine.shutdown().await?;
-        let cpu1 = proc::CpuSnapshot::now();
-        let floor_closed = floor(&env, &args, false).await?;
-        let floor_cpu = proc::CpuSnapshot::since(&cpu1);
-        let floor_paced = paced_floor(&env, &args).await?;
-        let pace = format!("paced {:.0}/s", args.create_rate);
-        let mut rows = vec![
-            ("create latency".to_string(), &lat),
-            ("floor: no-op reply".to_string(), &floor_closed),
-        ];
-        if let (Some(p), Some(f)) = (&paced, &floor_paced) {
-            rows.push((format!("create latency, {pace}"), p));
-            rows.push((format!("floor, {pace}"), f));
-        }
-        for (label, l) in rows {
-            println!(
-                "{label:<30} {}  ({} requesters x {})",
-                l.summary(),
-                args.requesters,
-                args.requests_each
-            );
-        }
-        println!(
-            "cpu µs per create (requesters in the engine's process): {}",
-            cpu.micros_per(lat.0.len() as f64)
-        );
-        println!(
-            "cpu µs per no-op request (the same requesters):          {}",
-            floor_cpu.micros_per(floor_closed.0.len() as f64)
-        );
-        // Little's law: a closed loop holds `requesters` requests at once, so their mean
-        // latency is requesters ÷ throughput, and throughput is at most cores ÷ CPU per request.
-        let bound = |cpu: &proc::CpuSnapshot, l: &create_latency::Latencies| {
-            let per = cpu.total() / l.0.len().max(1) as f64;
-            let ms = args.requesters as f64 * per / cores().max(1) as f64 * 1e3;
-            format!(
-                "mean {:.2} ms, bound {ms:.2} ms",
-                l.mean().as_secs_f64() * 1e3
-            )
-        };
-        println!(
-            "back to back, requesters x cpu per request / {} cores bounds the mean: create {}; no-op {}",
-            cores(),
-            bound(&cpu, &lat),
-            bound(&floor_cpu, &floor_closed)
-        );
-        env.cleanup().await?;
-        return Ok(());
+        return env.run_and_cleanup(only_create(&env, &args)).await;
     }
+    let measured = env.run_and_cleanup(measure(&env, &args)).await?;
+    let login = if args.skip_logins {
+        None
+    } else {
+        eprintln!(
+            "logins: {} events of {} users ...",
+            args.logins, args.login_users
+        );
+        Some(logins(&args).await?)
+    };
+    let run = Run {
+        users: args.users,
+        latency_ms: args.latency_ms,
+        create_rate: args.create_rate,
+    };
+    print_report(&run, measured, login);
+    Ok(())
+}
+
+/// `--only-create`: the create-latency scenario alone, with the CPU per create and the bound
+/// it sets on a closed loop's mean.
+async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
+    if args.seed_users > 0 {
+        env.seed(args.seed_users).await?;
+    }
+    let mut config = bench_config(env, args);
+    config.node.run_pipeline = !args.api_only;
+    let engine = Engine::builder(config).start().await?;
+    let cpu0 = proc::CpuSnapshot::now();
+    let tag = if args.api_only { "api" } else { "full" };
+    let lat = create_latency::run(&env.nats, &env.subjects(), tag, load(args, false)).await?;
+    let cpu = proc::CpuSnapshot::since(&cpu0);
+    let paced = paced_creates(env, args, tag).await?;
+    engine.shutdown().await?;
+    let cpu1 = proc::CpuSnapshot::now();
+    let floor_closed = floor(env, args, false).await?;
+    let floor_cpu = proc::CpuSnapshot::since(&cpu1);
+    let floor_paced = paced_floor(env, args).await?;
+    let pace = format!("paced {:.0}/s", args.create_rate);
+    let mut rows = vec![
+        ("create latency".to_string(), &lat),
+        ("floor: no-op reply".to_string(), &floor_closed),
+    ];
+    if let (Some(p), Some(f)) = (&paced, &floor_paced) {
+        rows.push((format!("create latency, {pace}"), p));
+        rows.push((format!("floor, {pace}"), f));
+    }
+    for (label, l) in rows {
+        println!(
+            "{label:<30} {}  ({} requesters x {})",
+            l.summary(),
+            args.requesters,
+            args.requests_each
+        );
+    }
+    println!(
+        "cpu µs per create (requesters in the engine's process): {}",
+        cpu.micros_per(lat.0.len() as f64)
+    );
+    println!(
+        "cpu µs per no-op request (the same requesters):          {}",
+        floor_cpu.micros_per(floor_closed.0.len() as f64)
+    );
+    // Little's law: a closed loop holds `requesters` requests at once, so their mean
+    // latency is requesters ÷ throughput, and throughput is at most cores ÷ CPU per request.
+    let bound = |cpu: &proc::CpuSnapshot, l: &create_latency::Latencies| {
+        let per = cpu.total() / l.0.len().max(1) as f64;
+        let ms = args.requesters as f64 * per / cores().max(1) as f64 * 1e3;
+        format!(
+            "mean {:.2} ms, bound {ms:.2} ms",
+            l.mean().as_secs_f64() * 1e3
+        )
+    };
+    println!(
+        "back to back, requesters x cpu per request / {} cores bounds the mean: create {}; no-op {}",
+        cores(),
+        bound(&cpu, &lat),
+        bound(&floor_cpu, &floor_closed)
+    );
+    Ok(())
+}
+
+/// Seeds `--users` users, then runs the pushes and baselines (in rounds), the create
+/// latencies and the ceiling.
+async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
     let t = Instant::now();
     env.seed(args.users).await?;
     // The seed's dirty pages are written now, not by the checkpointer during a measured
@@ -469,16 +403,16 @@ async fn main() -> anyhow::Result<()> {
             String::new()
         };
         eprintln!("{tag}push with {} ms provider latency ...", args.latency_ms);
-        slows.push(push(&env, &args, &format!("latency {round}"), args.latency_ms).await?);
+        slows.push(push(env, args, &format!("latency {round}"), args.latency_ms).await?);
         eprintln!("{tag}push with 0 ms provider latency ...");
-        fasts.push(push(&env, &args, &format!("zero {round}"), 0).await?);
+        fasts.push(push(env, args, &format!("zero {round}"), 0).await?);
         for r in [&slows[round - 1], &fasts[round - 1]] {
             let (start, tail) = r.start_and_tail.unwrap_or_default();
             eprintln!(
-                "  {:.0} users/s, {:.2} µs per user, peak RSS {:.1} MB (at start {:.1} MB); \
+                "  {:.0} users/s, µs per user: {}; peak RSS {:.1} MB (at start {:.1} MB); \
                  first send after {:.0} ms, completed {:.0} ms after the last",
                 r.sent as f64 / r.seconds.max(1e-9),
-                r.cpu.total() * 1e6 / r.sent.max(1) as f64,
+                r.cpu.micros_per(r.sent as f64),
                 mb(r.peak_rss as i64),
                 mb(r.start_rss as i64),
                 start * 1e3,
@@ -511,185 +445,34 @@ async fn main() -> anyhow::Result<()> {
         "create latency, {} requesters x {} ...",
         args.requesters, args.requests_each
     );
-    let engine = Engine::builder(bench_config(&env, &args)).start().await?;
-    let lat = create_latency::run(&env.nats, &env.subjects(), "full", load(&args, false)).await?;
+    let engine = Engine::builder(bench_config(env, args)).start().await?;
+    let lat = create_latency::run(&env.nats, &env.subjects(), "full", load(args, false)).await?;
     engine.shutdown().await?;
     // The same on a node that serves only the API: the request path without fan-out load.
-    let mut api_only = bench_config(&env, &args);
+    let mut api_only = bench_config(env, args);
     api_only.node.run_pipeline = false;
     let engine = Engine::builder(api_only).start().await?;
-    let lat_api =
-        create_latency::run(&env.nats, &env.subjects(), "api", load(&args, false)).await?;
-    let lat_api_paced = paced_creates(&env, &args, "api").await?;
+    let lat_api = create_latency::run(&env.nats, &env.subjects(), "api", load(args, false)).await?;
+    let lat_api_paced = paced_creates(env, args, "api").await?;
     engine.shutdown().await?;
-    let lat_floor = floor(&env, &args, false).await?;
-    let lat_floor_paced = paced_floor(&env, &args).await?;
+    let lat_floor = floor(env, args, false).await?;
+    let lat_floor_paced = paced_floor(env, args).await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
 
-    let login = if args.skip_logins {
-        None
-    } else {
-        eprintln!(
-            "logins: {} events of {} users ...",
-            args.logins, args.login_users
-        );
-        Some(logins(&args).await?)
-    };
-
-    let n = args.users as f64;
-    let rate = |secs: f64, users: f64| users / secs.max(1e-9);
-    let push_rate = |r: &PushResult| rate(r.seconds, r.sent as f64);
-    let base_rate = |b: &baseline::BaselineResult| rate(b.seconds, b.users as f64);
-    let slow = &summary(&slows, push_rate);
-    let fast = &summary(&fasts, push_rate);
-    println!();
-    println!("herald benchmark: {} users, {} cores", args.users, cores());
-    if rounds > 1 {
-        println!(
-            "(the median round of {rounds} by users/s, with the worst round's peak RSS and \
-             Redis figure and every round's duplicates and misses; each round's ratio is \
-             under the table)"
-        );
-    }
-    print_columns();
-    for (label, r) in [
-        (format!("push, provider {} ms", args.latency_ms), slow),
-        ("push, provider 0 ms".to_string(), fast),
-    ] {
-        println!(
-            "{:<34} {:>10.1} {:>12.0} {:>9.1} {:>8.1}MB {:>9.2}MB {:>6} {:>6}",
-            label,
-            r.seconds,
-            push_rate(r),
-            r.cpu.engine,
-            mb(r.peak_rss as i64),
-            mb(r.redis_added),
-            r.duplicates,
-            r.missing
-        );
-        println!(
-            "{:<34} cpu µs per user: {}",
-            "",
-            r.cpu.micros_per(r.sent as f64)
-        );
-    }
-    let mut json_baseline = json!(null);
-    let mut ratio_lines = Vec::new();
-    if !bases.is_empty() {
-        // Each round's ratio is herald's push over the baseline of the same round.
-        let ratios = |ours: &[PushResult],
-                      pick: fn(
-            &(baseline::BaselineResult, baseline::BaselineResult),
-        ) -> &baseline::BaselineResult| {
-            ours.iter()
-                .zip(&bases)
-                .map(|(o, b)| push_rate(o) / base_rate(pick(b)))
-                .collect::<Vec<f64>>()
-        };
-        let ratio_latency = ratios(&slows, |b| &b.0);
-        let ratio_zero = ratios(&fasts, |b| &b.1);
-        let slow_b =
-            &bases[median_index(&bases.iter().map(|b| base_rate(&b.0)).collect::<Vec<_>>())].0;
-        let fast_b =
-            &bases[median_index(&bases.iter().map(|b| base_rate(&b.1)).collect::<Vec<_>>())].1;
-        for (label, b, ratio) in [
-            (
-                format!("baseline, provider {} ms", args.latency_ms),
-                slow_b,
-                &ratio_latency,
-            ),
-            ("baseline, provider 0 ms".to_string(), fast_b, &ratio_zero),
-        ] {
-            println!(
-                "{:<34} {:>10.1} {:>12.0} {:>9.1}   herald is {:.1}x  ({} users, {} dups)",
-                label,
-                b.seconds,
-                base_rate(b),
-                b.cpu.engine,
-                median(ratio),
-                b.users,
-                b.ledger.duplicates()
-            );
-            println!(
-                "{:<34} cpu µs per user: {}",
-                "",
-                b.cpu.micros_per(b.users as f64)
-            );
-        }
-        if rounds > 1 {
-            let list = |r: &[f64]| {
-                r.iter()
-                    .map(|x| format!("{x:.1}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            ratio_lines.push(format!(
-                "ratio per round: {} ms: {}; 0 ms: {}",
-                args.latency_ms,
-                list(&ratio_latency),
-                list(&ratio_zero)
-            ));
-        }
-        json_baseline = json!({
-            "users": base_users,
-            "latency_users_per_s": base_rate(slow_b),
-            "zero_users_per_s": base_rate(fast_b),
-            "ratio_latency": median(&ratio_latency),
-            "ratio_zero": median(&ratio_zero),
-            "ratio_latency_per_round": ratio_latency,
-            "ratio_zero_per_round": ratio_zero,
-            "latency_cpu_seconds_by_process": slow_b.cpu.json(),
-            "zero_cpu_seconds_by_process": fast_b.cpu.json(),
-        });
-    }
-    let mut rows = vec![
-        ("create latency".to_string(), &lat),
-        ("create latency, API-only node".to_string(), &lat_api),
-        ("floor: request/reply, no-op reply".to_string(), &lat_floor),
-    ];
-    if let (Some(p), Some(f)) = (&lat_api_paced, &lat_floor_paced) {
-        rows.push((format!("API-only, paced {:.0}/s", args.create_rate), p));
-        rows.push((format!("floor, paced {:.0}/s", args.create_rate), f));
-    }
-    for (label, l) in rows {
-        println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
-    }
-    for line in &ratio_lines {
-        println!("{line}");
-    }
-    println!(
-        "{:<34} {:>10.1} {:>12.0}   ({} msgs of {} B, {:.0} msgs/s)",
-        "ceiling: raw JetStream pub+sub",
-        ceil.seconds,
-        rate(ceil.seconds, n),
-        ceil.messages,
-        ceil.bytes_per_message,
-        rate(ceil.seconds, ceil.messages as f64)
-    );
-    if let Some(r) = &login {
-        print_logins(r);
-    }
-    let line = json!({
-        "users": args.users,
-        "seed_seconds": seed_secs,
-        "rounds": rounds,
-        "push_latency_users_per_s_per_round": slows.iter().map(push_rate).collect::<Vec<_>>(),
-        "push_zero_users_per_s_per_round": fasts.iter().map(push_rate).collect::<Vec<_>>(),
-        "push_latency": {"latency_ms": args.latency_ms, "seconds": slow.seconds, "users_per_s": push_rate(slow), "cpu_seconds": slow.cpu.engine, "cpu_seconds_by_process": slow.cpu.json(), "peak_rss_bytes": slow.peak_rss, "redis_added_bytes": slow.redis_added, "duplicates": slow.duplicates, "missing": slow.missing},
-        "push_zero": {"seconds": fast.seconds, "users_per_s": push_rate(fast), "cpu_seconds": fast.cpu.engine, "cpu_seconds_by_process": fast.cpu.json(), "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
-        "baseline": json_baseline,
-        "create_latency_ms": lat.json(),
-        "create_latency_api_only_ms": lat_api.json(),
-        "request_reply_floor_ms": lat_floor.json(),
-        "create_rate_per_s": lat_api_paced.as_ref().map(|_| args.create_rate),
-        "create_latency_api_only_paced_ms": lat_api_paced.as_ref().map(|l| l.json()),
-        "request_reply_floor_paced_ms": lat_floor_paced.as_ref().map(|l| l.json()),
-        "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
-        "logins": login.as_ref().map(|r| r.json()),
-    });
-    println!("{line}");
-    env.cleanup().await?;
-    Ok(())
+    Ok(Measured {
+        seed_secs,
+        rounds,
+        base_users,
+        slows,
+        fasts,
+        bases,
+        lat,
+        lat_api,
+        lat_api_paced,
+        lat_floor,
+        lat_floor_paced,
+        ceil,
+    })
 }

@@ -1,0 +1,114 @@
+//! The test kit's own promise, which the benchmark relies on: `TestEnv::run_and_cleanup`
+//! removes the environment's database, streams (scratch streams too) and Redis keys whether
+//! the work it ran returned, failed or panicked.
+
+use std::panic::AssertUnwindSafe;
+
+use fred::interfaces::{ClientLike, KeysInterface};
+use futures::{FutureExt, StreamExt};
+use herald_engine::testkit::{pg_admin_url, TestEnv};
+use sea_orm::{ConnectionTrait, Database, Statement};
+
+/// A scratch stream under the environment's prefix (as the bench's baseline makes) and a key.
+async fn leave_things_behind(env: &TestEnv) {
+    let js = async_nats::jetstream::new(env.nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: env.subjects().stream("SCRATCH"),
+        subjects: vec![format!("{}.scratch", env.prefix)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let redis = herald_engine::actors::markers::connect(
+        &env.config.redis.url,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let _: () = redis
+        .set(format!("{}:scratch", env.prefix), 1, None, None, false)
+        .await
+        .unwrap();
+    let _ = redis.quit().await;
+}
+
+async fn assert_removed(env: &TestEnv) {
+    let admin = Database::connect(&pg_admin_url()).await.unwrap();
+    let row = admin
+        .query_one(Statement::from_sql_and_values(
+            admin.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM pg_database WHERE datname = $1",
+            [env.db_name().into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get::<i64>("", "n").unwrap(), 0, "database left");
+    let ours = env.subjects().stream_prefix();
+    let js = async_nats::jetstream::new(env.nats.clone());
+    let left: Vec<String> = js
+        .stream_names()
+        .filter_map(|n| async move { n.ok() })
+        .filter(|n| futures::future::ready(n.starts_with(&ours)))
+        .collect()
+        .await;
+    assert!(left.is_empty(), "streams left: {left:?}");
+    let redis = herald_engine::actors::markers::connect(
+        &env.config.redis.url,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let n: i64 = redis
+        .exists(format!("{}:scratch", env.prefix))
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "redis key left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_cleanup_returns_the_value_and_removes_everything() {
+    let env = TestEnv::new("kitok").await.unwrap();
+    let v = env
+        .run_and_cleanup(async {
+            leave_things_behind(&env).await;
+            Ok(42)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, 42);
+    assert_removed(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_still_removes_everything_and_keeps_its_error() {
+    let env = TestEnv::new("kiterr").await.unwrap();
+    let r: anyhow::Result<()> = env
+        .run_and_cleanup(async {
+            leave_things_behind(&env).await;
+            anyhow::bail!("the push scenario failed")
+        })
+        .await;
+    assert_eq!(format!("{:#}", r.unwrap_err()), "the push scenario failed");
+    assert_removed(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_run_removes_everything_then_panics_on() {
+    let env = TestEnv::new("kitpanic").await.unwrap();
+    let r = AssertUnwindSafe(env.run_and_cleanup(async {
+        leave_things_behind(&env).await;
+        if env.prefix.is_empty() {
+            return Ok(());
+        }
+        panic!("failed printing to stdout: Broken pipe");
+    }))
+    .catch_unwind()
+    .await;
+    let panic = r.expect_err("the panic goes on");
+    assert_eq!(
+        panic.downcast_ref::<&str>().copied(),
+        Some("failed printing to stdout: Broken pipe")
+    );
+    assert_removed(&env).await;
+}
