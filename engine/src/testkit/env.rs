@@ -27,6 +27,14 @@ pub fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// The admin connection, without sqlx's statement log: dropping a 10M-user database takes
+/// seconds, and a "slow statement" warning for it is noise.
+async fn connect_admin(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let mut options = sea_orm::ConnectOptions::new(url);
+    options.sqlx_logging(false).max_connections(1);
+    Database::connect(options).await
+}
+
 /// One isolated environment.
 pub struct TestEnv {
     /// Subject, stream and Redis key prefix.
@@ -57,7 +65,7 @@ impl TestEnv {
         let prefix = format!("t{}{}{}", std::process::id(), n, nanos % 100_000);
         let db_name = format!("herald_{name}_{prefix}").to_ascii_lowercase();
         let admin_url = pg_admin_url();
-        let admin = Database::connect(&admin_url)
+        let admin = connect_admin(&admin_url)
             .await
             .with_context(|| format!("connecting to {admin_url}"))?;
         admin
@@ -232,7 +240,7 @@ impl TestEnv {
             let _ = redis.quit().await;
         }
         self.db.clone().close().await?;
-        let admin = Database::connect(&pg_admin_url()).await?;
+        let admin = connect_admin(&pg_admin_url()).await?;
         admin
             .execute(Statement::from_string(
                 admin.get_database_backend(),
