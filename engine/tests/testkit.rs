@@ -32,7 +32,7 @@ async fn leave_things_behind(env: &TestEnv) {
     let _ = redis.quit().await;
 }
 
-async fn assert_removed(env: &TestEnv) {
+async fn database_exists(env: &TestEnv) -> bool {
     let admin = Database::connect(&pg_admin_url()).await.unwrap();
     let row = admin
         .query_one(Statement::from_sql_and_values(
@@ -43,7 +43,11 @@ async fn assert_removed(env: &TestEnv) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.try_get::<i64>("", "n").unwrap(), 0, "database left");
+    row.try_get::<i64>("", "n").unwrap() > 0
+}
+
+async fn assert_removed(env: &TestEnv) {
+    assert!(!database_exists(env).await, "database left");
     let ours = env.subjects().stream_prefix();
     let js = async_nats::jetstream::new(env.nats.clone());
     let left: Vec<String> = js
@@ -110,5 +114,43 @@ async fn a_panicking_run_removes_everything_then_panics_on() {
         panic.downcast_ref::<&str>().copied(),
         Some("failed printing to stdout: Broken pipe")
     );
+    assert_removed(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_leaves_the_streams_of_a_longer_prefix_alone() {
+    let env = TestEnv::new("kitnear").await.unwrap();
+    // The streams of a deployment with prefix `<ours>-x` start with our stream prefix too.
+    let neighbour = herald_engine::schemas::Subjects::new(format!("{}-x", env.prefix));
+    let js = async_nats::jetstream::new(env.nats.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: neighbour.push_stream(),
+        subjects: vec![format!("{}.push.>", neighbour.prefix())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(neighbour
+        .push_stream()
+        .starts_with(&env.subjects().stream_prefix()));
+    env.cleanup().await.unwrap();
+    let kept = js.get_stream(neighbour.push_stream()).await;
+    js.delete_stream(neighbour.push_stream()).await.unwrap();
+    assert!(kept.is_ok(), "the neighbour's stream was deleted");
+    assert_removed(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_tries_every_step_and_names_what_failed() {
+    let mut env = TestEnv::new("kitredis").await.unwrap();
+    leave_things_behind(&env).await;
+    let redis_url = env.config.redis.url.clone();
+    // Nothing listens on port 1: the Redis step fails, the others still run.
+    env.config.redis.url = "redis://127.0.0.1:1".into();
+    let e = env.cleanup().await.expect_err("the redis step failed");
+    assert!(format!("{e:#}").contains("redis"), "{e:#}");
+    env.config.redis.url = redis_url;
+    assert!(!database_exists(&env).await, "database dropped");
+    env.cleanup().await.unwrap();
     assert_removed(&env).await;
 }

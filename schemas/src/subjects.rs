@@ -20,7 +20,9 @@ impl Subjects {
         &self.prefix
     }
 
-    /// What every stream name under this prefix starts with: `HERALD_` for `herald`.
+    /// What every stream name under this prefix starts with: `HERALD_` for `herald`. Other
+    /// prefixes can share it (`herald-x` gives `HERALD_X_`); herald's own stream names have
+    /// no `_` after it.
     pub fn stream_prefix(&self) -> String {
         format!(
             "{}_",

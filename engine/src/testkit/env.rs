@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context;
 use fred::interfaces::ClientLike;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, TryStreamExt};
 use herald_schemas::{
     CampaignState, CampaignStatusReply, CampaignStatusRequest, CreateCampaignReply,
     CreateCampaignRequest, Encoding, Subjects,
@@ -62,7 +62,8 @@ impl TestEnv {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .subsec_nanos();
-        let prefix = format!("t{}{}{}", std::process::id(), n, nanos % 100_000);
+        // Letters between the numbers, so no two (pid, n, nanos) give one prefix.
+        let prefix = format!("t{}p{}n{}", std::process::id(), n, nanos % 100_000);
         let db_name = format!("herald_{name}_{prefix}").to_ascii_lowercase();
         let admin_url = pg_admin_url();
         let admin = connect_admin(&admin_url)
@@ -218,42 +219,82 @@ impl TestEnv {
         Ok(s)
     }
 
-    /// Deletes the environment's streams (every stream under its prefix, scratch streams
-    /// included), Redis keys and database.
+    /// Deletes the environment's streams (its own and the scratch streams named
+    /// `<PREFIX>_<NAME>`), Redis keys and database. Every step is tried, and the failures
+    /// are reported together.
     pub async fn cleanup(&self) -> anyhow::Result<()> {
+        let mut failed = Vec::new();
         let js = async_nats::jetstream::new(self.nats.clone());
         let ours = self.subjects().stream_prefix();
         // Listed first and deleted after: deleting while paging could skip a name.
-        let names: Vec<String> = js
-            .stream_names()
-            .filter_map(|n| async move { n.ok() })
-            .filter(|n| futures::future::ready(n.starts_with(&ours)))
-            .collect()
-            .await;
-        for stream in names {
+        let listed: Result<Vec<String>, _> = js.stream_names().try_collect().await;
+        let streams = match listed {
+            // Another prefix can share ours up to a `_` (`herald` and `herald-x`); herald's
+            // stream names have none after the prefix.
+            Ok(all) => all
+                .into_iter()
+                .filter(|n| {
+                    n.strip_prefix(&ours)
+                        .is_some_and(|rest| !rest.contains('_'))
+                })
+                .collect(),
+            Err(e) => {
+                failed.push(format!("listing streams: {e}"));
+                let s = self.subjects();
+                vec![
+                    s.campaigns_stream(),
+                    s.buckets_stream(),
+                    s.push_stream(),
+                    s.dead_letter_stream(),
+                    s.events_stream(),
+                ]
+            }
+        };
+        for stream in streams {
             let _ = js.delete_stream(&stream).await;
         }
-        if let Ok(redis) =
-            herald_actors::markers::connect(&self.config.redis.url, Duration::from_secs(5)).await
-        {
-            herald_actors::markers::delete_matching(&redis, &format!("{}:*", self.prefix)).await?;
-            let _ = redis.quit().await;
+        if let Err(e) = self.delete_keys().await {
+            failed.push(e);
         }
-        self.db.clone().close().await?;
-        let admin = connect_admin(&pg_admin_url()).await?;
-        admin
-            .execute(Statement::from_string(
-                admin.get_database_backend(),
-                format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name),
-            ))
-            .await?;
-        Ok(())
+        // Our own pool first; FORCE ends whatever connection is left.
+        let _ = self.db.clone().close().await;
+        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name);
+        match connect_admin(&pg_admin_url()).await {
+            Ok(admin) => {
+                let stmt = Statement::from_string(admin.get_database_backend(), drop);
+                if let Err(e) = admin.execute(stmt).await {
+                    failed.push(format!("dropping database {}: {e}", self.db_name));
+                }
+            }
+            Err(e) => failed.push(format!("connecting to drop database {}: {e}", self.db_name)),
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("cleanup of {}: {}", self.prefix, failed.join("; "))
+        }
+    }
+
+    async fn delete_keys(&self) -> Result<(), String> {
+        let pattern = format!("{}:*", self.prefix);
+        let redis = herald_actors::markers::connect(&self.config.redis.url, Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("connecting to redis: {e}"))?;
+        let deleted = herald_actors::markers::delete_matching(&redis, &pattern).await;
+        let _ = redis.quit().await;
+        deleted.map_err(|e| format!("deleting redis keys {pattern}: {e}"))
     }
 
     /// Runs `work` on this environment, then removes the environment whatever happened:
     /// `work` finished or failed, panicked (a closed stdout makes `println!` panic), or
     /// SIGINT / SIGTERM came first. So an interrupted benchmark leaves no database behind. A
-    /// panic goes on after the cleanup; a signal is an error.
+    /// panic goes on after the cleanup; a signal is an error; a failed cleanup after work
+    /// that succeeded is reported on stderr and the work's value returned. A second signal
+    /// during the cleanup exits the process at once.
+    ///
+    /// When `work` did not finish, an engine it started may still be stopping (its in-flight
+    /// batches end within their ack wait) and write a marker after the keys are deleted, so
+    /// the keys are deleted again a second later; what comes later still stays until its TTL.
     pub async fn run_and_cleanup<T>(
         &self,
         work: impl Future<Output = anyhow::Result<T>>,
@@ -262,19 +303,37 @@ impl TestEnv {
             r = std::panic::AssertUnwindSafe(work).catch_unwind() => Some(r),
             _ = crate::shutdown_signal() => None,
         };
-        let cleaned = self.cleanup().await;
+        // tokio's handler has replaced the default one, so Ctrl-C no longer ends the process
+        // by itself: a second one during the cleanup does.
+        let impatient = tokio::spawn(async {
+            crate::shutdown_signal().await;
+            eprintln!("interrupted again: exiting without finishing the cleanup");
+            std::process::exit(130);
+        });
+        let mut cleaned = self.cleanup().await;
+        if !matches!(outcome, Some(Ok(Ok(_)))) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(e) = self.delete_keys().await {
+                cleaned = cleaned.and(Err(anyhow::anyhow!(e)));
+            }
+        }
+        impatient.abort();
+        let report = |what: &str, c: anyhow::Result<()>| {
+            if let Err(c) = c {
+                eprintln!("cleanup after {what} failed: {c:#}");
+            }
+        };
         match outcome {
-            Some(Ok(Ok(value))) => cleaned.map(|()| value),
+            Some(Ok(Ok(value))) => {
+                report("the work", cleaned);
+                Ok(value)
+            }
             Some(Ok(Err(e))) => {
-                if let Err(c) = cleaned {
-                    eprintln!("cleanup after an error failed: {c:#}");
-                }
+                report("an error", cleaned);
                 Err(e)
             }
             Some(Err(panic)) => {
-                if let Err(c) = cleaned {
-                    eprintln!("cleanup after a panic failed: {c:#}");
-                }
+                report("a panic", cleaned);
                 std::panic::resume_unwind(panic)
             }
             None => {

@@ -297,21 +297,30 @@ async fn main() -> anyhow::Result<()> {
     }
     let measured = env.run_and_cleanup(measure(&env, &args)).await?;
     let login = if args.skip_logins {
-        None
+        Ok(None)
     } else {
         eprintln!(
             "logins: {} events of {} users ...",
             args.logins, args.login_users
         );
-        Some(logins(&args).await?)
+        logins(&args).await.map(Some)
     };
     let run = Run {
         users: args.users,
         latency_ms: args.latency_ms,
         create_rate: args.create_rate,
     };
-    print_report(&run, measured, login);
-    Ok(())
+    // What was measured is printed even when the logins scenario failed.
+    match login {
+        Ok(login) => {
+            print_report(&run, measured, login);
+            Ok(())
+        }
+        Err(e) => {
+            print_report(&run, measured, None);
+            Err(e.context("logins scenario"))
+        }
+    }
 }
 
 /// `--only-create`: the create-latency scenario alone, with the CPU per create and the bound
