@@ -317,32 +317,37 @@ async fn poison_messages_are_dead_lettered_and_do_not_block() {
     env.cleanup().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
-    let env = TestEnv::new("restart").await.unwrap();
+/// Runs a 10,000-user campaign on a node with a `latency_ms` provider and `concurrency` push
+/// batches until `going` users got their push, hands that node to `stop` (with the ledger
+/// and the campaign id), then finishes the campaign on a second node and checks that every
+/// user got exactly one push across both. One provider (one ledger) serves both nodes, as
+/// one real gateway would.
+async fn interrupted_then_finished<F>(
+    name: &str,
+    latency_ms: u64,
+    concurrency: usize,
+    going: u64,
+    stop: F,
+) where
+    F: AsyncFnOnce(Engine, &Ledger, &TestEnv, i64),
+{
+    let env = TestEnv::new(name).await.unwrap();
     env.seed(10_000).await.unwrap();
-    // One provider (one ledger) for both runs of the node, as one real gateway would be.
-    let provider = simulated(20);
+    let provider = simulated(latency_ms);
     let ledger = provider.ledger();
     let mut config = env.config.clone();
-    config.pipeline.push.concurrency = 8;
+    config.pipeline.push.concurrency = concurrency;
     let first = Engine::builder(config.clone())
         .provider_for_all(provider.clone())
         .start()
         .await
         .unwrap();
-
-    let reply = env.create(&promo("interrupted")).await.unwrap().unwrap();
+    let reply = env.create(&promo(name)).await.unwrap().unwrap();
     assert!(
-        wait_until(LONG, || async { ledger.total() >= 2_000 }).await,
+        wait_until(LONG, || async { ledger.total() >= going }).await,
         "the campaign got going"
     );
-    first.shutdown().await.unwrap();
-    let at_stop = ledger.total();
-    assert!(at_stop < 10_000, "stopped mid-campaign (at {at_stop})");
-    let store = herald_actors::store::Store::new(env.db.clone());
-    let row = store.status(reply.campaign_id).await.unwrap().unwrap();
-    assert_eq!(row.status, CampaignState::Running.as_str());
+    stop(first, &ledger, &env, reply.campaign_id).await;
 
     let second = Engine::builder(config)
         .provider_for_all(provider)
@@ -362,53 +367,47 @@ async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_dropped_mid_campaign_stops_sending_and_loses_nothing() {
-    let env = TestEnv::new("dropped").await.unwrap();
-    env.seed(10_000).await.unwrap();
-    let provider = simulated(200);
-    let ledger = provider.ledger();
-    let mut config = env.config.clone();
-    // About 1,000 users/s: the campaign is still running when the engine is dropped.
-    config.pipeline.push.concurrency = 2;
-    let first = Engine::builder(config.clone())
-        .provider_for_all(provider.clone())
-        .start()
-        .await
-        .unwrap();
-    let reply = env.create(&promo("dropped")).await.unwrap().unwrap();
-    assert!(
-        wait_until(LONG, || async { ledger.total() >= 500 }).await,
-        "the campaign got going"
-    );
-    drop(first);
-    // In-flight batches may finish; after that nothing more is sent.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut seen = ledger.total();
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = ledger.total();
-        if now == seen {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the dropped engine kept sending ({now})"
-        );
-        seen = now;
-    }
-    assert!(seen < 10_000, "the dropped engine finished the campaign");
+async fn node_stopped_mid_campaign_and_restarted_ends_exactly_once() {
+    interrupted_then_finished(
+        "restart",
+        20,
+        8,
+        2_000,
+        async |first, ledger, env, campaign_id| {
+            first.shutdown().await.unwrap();
+            let at_stop = ledger.total();
+            assert!(at_stop < 10_000, "stopped mid-campaign (at {at_stop})");
+            let store = herald_actors::store::Store::new(env.db.clone());
+            let row = store.status(campaign_id).await.unwrap().unwrap();
+            assert_eq!(row.status, CampaignState::Running.as_str());
+        },
+    )
+    .await;
+}
 
-    let second = Engine::builder(config)
-        .provider_for_all(provider)
-        .start()
-        .await
-        .unwrap();
-    let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
-    assert_eq!(ledger.duplicates(), 0, "no user got two pushes");
-    assert_eq!(ledger.total(), 10_000);
-    assert_eq!(s.sent, 10_000);
-    second.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_dropped_mid_campaign_stops_sending_and_loses_nothing() {
+    // About 1,000 users/s: the campaign is still running when the engine is dropped.
+    interrupted_then_finished("dropped", 200, 2, 500, async |first, ledger, _, _| {
+        drop(first);
+        // In-flight batches may finish; after that nothing more is sent.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = ledger.total();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = ledger.total();
+            if now == seen {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the dropped engine kept sending ({now})"
+            );
+            seen = now;
+        }
+        assert!(seen < 10_000, "the dropped engine finished the campaign");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

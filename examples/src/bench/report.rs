@@ -37,8 +37,6 @@ pub struct PushResult {
 /// What the full run measured, printed once its environment is gone.
 pub struct Measured {
     pub seed_secs: f64,
-    pub rounds: usize,
-    pub base_users: i64,
     pub slows: Vec<PushResult>,
     pub fasts: Vec<PushResult>,
     pub bases: Vec<(BaselineResult, BaselineResult)>,
@@ -131,8 +129,6 @@ pub fn print_logins(r: &LoginsResult) {
 pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
     let Measured {
         seed_secs,
-        rounds,
-        base_users,
         slows,
         fasts,
         bases,
@@ -143,6 +139,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         lat_floor_paced,
         ceil,
     } = m;
+    let rounds = slows.len();
     let n = run.users as f64;
     let rate = |secs: f64, users: f64| users / secs.max(1e-9);
     let push_rate = |r: &PushResult| rate(r.seconds, r.sent as f64);
@@ -237,7 +234,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
             ));
         }
         json_baseline = json!({
-            "users": base_users,
+            "users": slow_b.users,
             "latency_users_per_s": base_rate(slow_b),
             "zero_users_per_s": base_rate(fast_b),
             "ratio_latency": median(&ratio_latency),

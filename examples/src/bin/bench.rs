@@ -472,8 +472,6 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
 
     Ok(Measured {
         seed_secs,
-        rounds,
-        base_users,
         slows,
         fasts,
         bases,
