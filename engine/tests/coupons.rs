@@ -169,326 +169,341 @@ async fn dead_letters(env: &TestEnv, at_least: u64) -> Vec<DeadLetter> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_storm_on_two_nodes_issues_one_item_per_coupon_and_user() {
     let env = TestEnv::new("cplogin").await.unwrap();
-    env.seed(20_000).await.unwrap();
-    let (a, _) = start(&env).await;
-    let (b, _) = start(&env).await;
+    env.run_test(async {
+        env.seed(20_000).await.unwrap();
+        let (a, _) = start(&env).await;
+        let (b, _) = start(&env).await;
 
-    let open = create(&env, &coupon("open", CouponDelivery::Lazy))
+        let open = create(&env, &coupon("open", CouponDelivery::Lazy))
+            .await
+            .unwrap();
+        let limited = create(
+            &env,
+            &CreateCouponRequest {
+                total: Some(3_000),
+                ..coupon("limited", CouponDelivery::Lazy)
+            },
+        )
         .await
         .unwrap();
-    let limited = create(
-        &env,
-        &CreateCouponRequest {
-            total: Some(3_000),
-            ..coupon("limited", CouponDelivery::Lazy)
-        },
-    )
+        let later = create(
+            &env,
+            &CreateCouponRequest {
+                starts_at: Utc::now() + Span::days(1),
+                ..coupon("not yet", CouponDelivery::Lazy)
+            },
+        )
+        .await
+        .unwrap();
+        // An expired coupon cannot be created through the API; write one as an old row would be.
+        env.db
+            .execute(Statement::from_string(
+                env.db.get_database_backend(),
+                "INSERT INTO sales_promotion_coupon (coupon_name, coupon_type, coupon_rule, \
+                 activity_start_time, activity_end_time, coupon_count, coupon_received_count, \
+                 coupon_receive_type, inform_type, status, created_by, created_at, updated_at, delivery) \
+                 VALUES ('expired', 1, '{}', now() - interval '2 days', now() - interval '1 day', NULL, 0, \
+                 'platform', 'app', 1, 'ops', now(), now(), 'lazy')"
+                    .to_string(),
+            ))
+            .await
+            .unwrap();
+
+        // 50,000 logins of 20,000 users with repeats, half JSON and half MessagePack.
+        let stream = logins(50_000, 20_000, 0x9e3779b97f4a7c15);
+        let distinct: HashSet<i64> = stream.iter().copied().collect();
+        let payloads = stream
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                if i % 2 == 0 {
+                    login_json(*u)
+                } else {
+                    login_msgpack(*u)
+                }
+            })
+            .collect();
+        env.publish_events(env.subjects().event_user_login(), payloads)
+            .await
+            .unwrap();
+
+        let want = distinct.len() as i64;
+        assert!(
+            wait_until(LONG, || async { items(&env, open.coupon_id).await >= want }).await,
+            "every distinct user got the open coupon"
+        );
+        // Let any straggler (a redelivery) finish before counting.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let open_users = users_of(&env, open.coupon_id).await;
+        assert_eq!(open_users.len() as i64, want, "one item per user");
+        assert_eq!(
+            open_users.iter().copied().collect::<HashSet<_>>(),
+            distinct,
+            "exactly the users who logged in"
+        );
+        assert_eq!(
+            items(&env, limited.coupon_id).await,
+            3_000,
+            "stock exactly used"
+        );
+        assert_eq!(items(&env, later.coupon_id).await, 0, "not started");
+        assert_eq!(
+            count(
+                &env,
+                "SELECT COUNT(*) AS n FROM sales_promotion_coupon_item i JOIN sales_promotion_coupon c \
+                 ON c.id = i.coupon_id WHERE c.coupon_name = 'expired'"
+            )
+            .await,
+            0,
+            "expired"
+        );
+        assert_eq!(status(&env, open.coupon_id).await.issued, want);
+        assert_eq!(status(&env, limited.coupon_id).await.issued, 3_000);
+        // No (coupon, user) pair twice, whatever the index says.
+        assert_eq!(
+            count(
+                &env,
+                "SELECT COUNT(*) AS n FROM (SELECT coupon_id, user_account_id FROM \
+                 sales_promotion_coupon_item GROUP BY coupon_id, user_account_id HAVING COUNT(*) > 1) d"
+            )
+            .await,
+            0
+        );
+
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    })
     .await
     .unwrap();
-    let later = create(
-        &env,
-        &CreateCouponRequest {
-            starts_at: Utc::now() + Span::days(1),
-            ..coupon("not yet", CouponDelivery::Lazy)
-        },
-    )
-    .await
-    .unwrap();
-    // An expired coupon cannot be created through the API; write one as an old row would be.
-    env.db
-        .execute(Statement::from_string(
-            env.db.get_database_backend(),
-            "INSERT INTO sales_promotion_coupon (coupon_name, coupon_type, coupon_rule, \
-             activity_start_time, activity_end_time, coupon_count, coupon_received_count, \
-             coupon_receive_type, inform_type, status, created_by, created_at, updated_at, delivery) \
-             VALUES ('expired', 1, '{}', now() - interval '2 days', now() - interval '1 day', NULL, 0, \
-             'platform', 'app', 1, 'ops', now(), now(), 'lazy')"
-                .to_string(),
-        ))
-        .await
-        .unwrap();
-
-    // 50,000 logins of 20,000 users with repeats, half JSON and half MessagePack.
-    let stream = logins(50_000, 20_000, 0x9e3779b97f4a7c15);
-    let distinct: HashSet<i64> = stream.iter().copied().collect();
-    let payloads = stream
-        .iter()
-        .enumerate()
-        .map(|(i, u)| {
-            if i % 2 == 0 {
-                login_json(*u)
-            } else {
-                login_msgpack(*u)
-            }
-        })
-        .collect();
-    env.publish_events(env.subjects().event_user_login(), payloads)
-        .await
-        .unwrap();
-
-    let want = distinct.len() as i64;
-    assert!(
-        wait_until(LONG, || async { items(&env, open.coupon_id).await >= want }).await,
-        "every distinct user got the open coupon"
-    );
-    // Let any straggler (a redelivery) finish before counting.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let open_users = users_of(&env, open.coupon_id).await;
-    assert_eq!(open_users.len() as i64, want, "one item per user");
-    assert_eq!(
-        open_users.iter().copied().collect::<HashSet<_>>(),
-        distinct,
-        "exactly the users who logged in"
-    );
-    assert_eq!(
-        items(&env, limited.coupon_id).await,
-        3_000,
-        "stock exactly used"
-    );
-    assert_eq!(items(&env, later.coupon_id).await, 0, "not started");
-    assert_eq!(
-        count(
-            &env,
-            "SELECT COUNT(*) AS n FROM sales_promotion_coupon_item i JOIN sales_promotion_coupon c \
-             ON c.id = i.coupon_id WHERE c.coupon_name = 'expired'"
-        )
-        .await,
-        0,
-        "expired"
-    );
-    assert_eq!(status(&env, open.coupon_id).await.issued, want);
-    assert_eq!(status(&env, limited.coupon_id).await.issued, 3_000);
-    // No (coupon, user) pair twice, whatever the index says.
-    assert_eq!(
-        count(
-            &env,
-            "SELECT COUNT(*) AS n FROM (SELECT coupon_id, user_account_id FROM \
-             sales_promotion_coupon_item GROUP BY coupon_id, user_account_id HAVING COUNT(*) > 1) d"
-        )
-        .await,
-        0
-    );
-
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_its_data_issues_nobody_twice() {
     let env = TestEnv::new("cpredis").await.unwrap();
-    env.seed(2_000).await.unwrap();
-    let (engine, _) = start(&env).await;
-    let c = create(
-        &env,
-        &CreateCouponRequest {
-            total: Some(1_500),
-            ..coupon("survives flush", CouponDelivery::Lazy)
-        },
-    )
-    .await
-    .unwrap();
-    let first: Vec<Vec<u8>> = (1..=1_000).map(login_json).collect();
-    env.publish_events(env.subjects().event_user_login(), first)
+    env.run_test(async {
+        env.seed(2_000).await.unwrap();
+        let (engine, _) = start(&env).await;
+        let c = create(
+            &env,
+            &CreateCouponRequest {
+                total: Some(1_500),
+                ..coupon("survives flush", CouponDelivery::Lazy)
+            },
+        )
         .await
         .unwrap();
-    assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_000 }).await);
-
-    // Redis forgets everything herald kept there.
-    let redis =
-        herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
+        let first: Vec<Vec<u8>> = (1..=1_000).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), first)
             .await
             .unwrap();
-    herald_engine::actors::markers::delete_matching(&redis, &format!("{}:*", env.prefix))
-        .await
-        .unwrap();
+        assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_000 }).await);
 
-    // Everyone logs in again: the first thousand hold theirs, 500 of the rest get the stock left.
-    let again: Vec<Vec<u8>> = (1..=2_000).map(login_json).collect();
-    env.publish_events(env.subjects().event_user_login(), again)
-        .await
-        .unwrap();
-    assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_500 }).await);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let users = users_of(&env, c.coupon_id).await;
-    assert_eq!(users.len(), 1_500, "never past the stock");
-    assert_eq!(users.iter().collect::<HashSet<_>>().len(), 1_500);
-    assert!((1..=1_000).all(|u| users.binary_search(&u).is_ok()));
-    assert_eq!(status(&env, c.coupon_id).await.issued, 1_500);
-    engine.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
+        // Redis forgets everything herald kept there.
+        let redis =
+            herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
+                .await
+                .unwrap();
+        herald_engine::actors::markers::delete_matching(&redis, &format!("{}:*", env.prefix))
+            .await
+            .unwrap();
+
+        // Everyone logs in again: the first thousand hold theirs, 500 of the rest get the stock left.
+        let again: Vec<Vec<u8>> = (1..=2_000).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), again)
+            .await
+            .unwrap();
+        assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_500 }).await);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let users = users_of(&env, c.coupon_id).await;
+        assert_eq!(users.len(), 1_500, "never past the stock");
+        assert_eq!(users.iter().collect::<HashSet<_>>().len(), 1_500);
+        assert!((1..=1_000).all(|u| users.binary_search(&u).is_ok()));
+        assert_eq!(status(&env, c.coupon_id).await.issued, 1_500);
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_never_oversell_a_segment_coupon() {
     let env = TestEnv::new("cprace").await.unwrap();
-    env.seed(2_000).await.unwrap();
-    let (a, _) = start(&env).await;
-    let (b, _) = start(&env).await;
-    let c = create(
-        &env,
-        &CreateCouponRequest {
-            total: Some(50),
-            segment: Some(SegmentFilter::default()),
-            ..coupon("fifty", CouponDelivery::Segment)
-        },
-    )
+    env.run_test(async {
+        env.seed(2_000).await.unwrap();
+        let (a, _) = start(&env).await;
+        let (b, _) = start(&env).await;
+        let c = create(
+            &env,
+            &CreateCouponRequest {
+                total: Some(50),
+                segment: Some(SegmentFilter::default()),
+                ..coupon("fifty", CouponDelivery::Segment)
+            },
+        )
+        .await
+        .unwrap();
+
+        let claims = (1..=400).map(|u| {
+            let env = &env;
+            async move { claim(env, c.coupon_id, u).await }
+        });
+        let results = futures::future::join_all(claims).await;
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        let sold_out = results
+            .iter()
+            .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::SoldOut))
+            .count();
+        assert_eq!(
+            (ok, sold_out),
+            (50, 350),
+            "{:?}",
+            results.iter().find(|r| r.is_err())
+        );
+        assert_eq!(items(&env, c.coupon_id).await, 50);
+        assert_eq!(status(&env, c.coupon_id).await.issued, 50);
+
+        // A winner asking again gets the same item.
+        let (winner, item) = results
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.as_ref().ok().map(|r| (i as i64 + 1, r.coupon_item_id)))
+            .unwrap();
+        let again = claim(&env, c.coupon_id, winner).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(again.coupon_item_id, item);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    })
     .await
     .unwrap();
-
-    let claims = (1..=400).map(|u| {
-        let env = &env;
-        async move { claim(env, c.coupon_id, u).await }
-    });
-    let results = futures::future::join_all(claims).await;
-    let ok = results.iter().filter(|r| r.is_ok()).count();
-    let sold_out = results
-        .iter()
-        .filter(|r| matches!(r, Err(e) if e.code == ErrorCode::SoldOut))
-        .count();
-    assert_eq!(
-        (ok, sold_out),
-        (50, 350),
-        "{:?}",
-        results.iter().find(|r| r.is_err())
-    );
-    assert_eq!(items(&env, c.coupon_id).await, 50);
-    assert_eq!(status(&env, c.coupon_id).await.issued, 50);
-
-    // A winner asking again gets the same item.
-    let (winner, item) = results
-        .iter()
-        .enumerate()
-        .find_map(|(i, r)| r.as_ref().ok().map(|r| (i as i64 + 1, r.coupon_item_id)))
-        .unwrap();
-    let again = claim(&env, c.coupon_id, winner).await.unwrap();
-    assert!(again.duplicate);
-    assert_eq!(again.coupon_item_id, item);
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_coupon_pushes_exactly_the_segment_and_checks_claims() {
     let env = TestEnv::new("cpseg").await.unwrap();
-    env.seed(5_000).await.unwrap();
-    let (engine, ledger) = start(&env).await;
-    let segment = SegmentFilter {
-        member_levels: Some(vec![3, 4, 5]),
-        min_points: Some(1_000),
-        min_active_days: Some(30),
-    };
-    let req = CreateCouponRequest {
-        segment: Some(segment),
-        ..coupon("come back", CouponDelivery::Segment)
-    };
-    let c = create(&env, &req).await.unwrap();
-    let campaign = c.campaign_id.expect("a segment coupon has a push campaign");
-    let s = env.wait_completed(campaign, LONG).await.unwrap();
+    env.run_test(async {
+        env.seed(5_000).await.unwrap();
+        let (engine, ledger) = start(&env).await;
+        let segment = SegmentFilter {
+            member_levels: Some(vec![3, 4, 5]),
+            min_points: Some(1_000),
+            min_active_days: Some(30),
+        };
+        let req = CreateCouponRequest {
+            segment: Some(segment),
+            ..coupon("come back", CouponDelivery::Segment)
+        };
+        let c = create(&env, &req).await.unwrap();
+        let campaign = c.campaign_id.expect("a segment coupon has a push campaign");
+        let s = env.wait_completed(campaign, LONG).await.unwrap();
 
-    #[derive(FromQueryResult)]
-    struct U {
-        id: i64,
-    }
-    let expected: Vec<i64> = U::find_by_statement(Statement::from_string(
-        env.db.get_database_backend(),
-        "SELECT a.id FROM membership_account a \
-         JOIN membership_point p ON p.account_id = a.id \
-         JOIN membership_filter f ON f.account_id = a.id \
-         WHERE a.is_deleted = false AND p.member_level IN (3, 4, 5) \
-         AND p.member_point >= 1000 AND f.active_days >= 30 ORDER BY a.id"
-            .to_string(),
-    ))
-    .all(&env.db)
+        #[derive(FromQueryResult)]
+        struct U {
+            id: i64,
+        }
+        let expected: Vec<i64> = U::find_by_statement(Statement::from_string(
+            env.db.get_database_backend(),
+            "SELECT a.id FROM membership_account a \
+             JOIN membership_point p ON p.account_id = a.id \
+             JOIN membership_filter f ON f.account_id = a.id \
+             WHERE a.is_deleted = false AND p.member_level IN (3, 4, 5) \
+             AND p.member_point >= 1000 AND f.active_days >= 30 ORDER BY a.id"
+                .to_string(),
+        ))
+        .all(&env.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.id)
+        .collect();
+        assert!(
+            !expected.is_empty() && expected.len() < 5_000,
+            "a real segment"
+        );
+        assert_eq!(s.sent as usize, expected.len());
+        assert_eq!(ledger.duplicates(), 0);
+        assert_eq!(ledger.total() as usize, expected.len());
+        assert!(ledger
+            .missing(campaign, expected.iter().copied())
+            .is_empty());
+        // Pushing gives nothing yet; a user in the segment claims, one outside cannot.
+        assert_eq!(items(&env, c.coupon_id).await, 0);
+        let inside = expected[0];
+        let outside = (1..=5_000)
+            .find(|u| expected.binary_search(u).is_err())
+            .unwrap();
+        let got = claim(&env, c.coupon_id, inside).await.unwrap();
+        assert!(!got.duplicate);
+        let e = claim(&env, c.coupon_id, outside).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotEligible, "{e:?}");
+        let e = claim(&env, 999_999, inside).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(items(&env, c.coupon_id).await, 1);
+
+        // A repeated create is recognised and points at the same campaign.
+        let again = create(&env, &req).await.unwrap();
+        assert!(again.duplicate);
+        assert_eq!(
+            (again.coupon_id, again.campaign_id),
+            (c.coupon_id, c.campaign_id)
+        );
+        engine.shutdown().await.unwrap();
+    })
     .await
-    .unwrap()
-    .into_iter()
-    .map(|u| u.id)
-    .collect();
-    assert!(
-        !expected.is_empty() && expected.len() < 5_000,
-        "a real segment"
-    );
-    assert_eq!(s.sent as usize, expected.len());
-    assert_eq!(ledger.duplicates(), 0);
-    assert_eq!(ledger.total() as usize, expected.len());
-    assert!(ledger
-        .missing(campaign, expected.iter().copied())
-        .is_empty());
-    // Pushing gives nothing yet; a user in the segment claims, one outside cannot.
-    assert_eq!(items(&env, c.coupon_id).await, 0);
-    let inside = expected[0];
-    let outside = (1..=5_000)
-        .find(|u| expected.binary_search(u).is_err())
-        .unwrap();
-    let got = claim(&env, c.coupon_id, inside).await.unwrap();
-    assert!(!got.duplicate);
-    let e = claim(&env, c.coupon_id, outside).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotEligible, "{e:?}");
-    let e = claim(&env, 999_999, inside).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotFound);
-    assert_eq!(items(&env, c.coupon_id).await, 1);
-
-    // A repeated create is recognised and points at the same campaign.
-    let again = create(&env, &req).await.unwrap();
-    assert!(again.duplicate);
-    assert_eq!(
-        (again.coupon_id, again.campaign_id),
-        (c.coupon_id, c.campaign_id)
-    );
-    engine.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_checks_the_validity_window() {
     let env = TestEnv::new("cpwin").await.unwrap();
-    env.seed(100).await.unwrap();
-    let (engine, _) = start(&env).await;
-    let later = create(
-        &env,
-        &CreateCouponRequest {
-            starts_at: Utc::now() + Span::days(1),
-            segment: Some(SegmentFilter::default()),
-            ..coupon("tomorrow", CouponDelivery::Segment)
-        },
-    )
-    .await
-    .unwrap();
-    let e = claim(&env, later.coupon_id, 1).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotStarted, "{e:?}");
-    // Age a claimable coupon past its end.
-    let now = create(
-        &env,
-        &CreateCouponRequest {
-            segment: Some(SegmentFilter::default()),
-            ..coupon("ending", CouponDelivery::Segment)
-        },
-    )
-    .await
-    .unwrap();
-    env.db
-        .execute(Statement::from_string(
-            env.db.get_database_backend(),
-            format!(
-                "UPDATE sales_promotion_coupon SET activity_end_time = now() - interval '1 minute' \
-                 WHERE id = {}",
-                now.coupon_id
-            ),
-        ))
+    env.run_test(async {
+        env.seed(100).await.unwrap();
+        let (engine, _) = start(&env).await;
+        let later = create(
+            &env,
+            &CreateCouponRequest {
+                starts_at: Utc::now() + Span::days(1),
+                segment: Some(SegmentFilter::default()),
+                ..coupon("tomorrow", CouponDelivery::Segment)
+            },
+        )
         .await
         .unwrap();
-    let e = claim(&env, now.coupon_id, 1).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::Expired, "{e:?}");
-    let lazy = create(&env, &coupon("lazy one", CouponDelivery::Lazy))
+        let e = claim(&env, later.coupon_id, 1).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotStarted, "{e:?}");
+        // Age a claimable coupon past its end.
+        let now = create(
+            &env,
+            &CreateCouponRequest {
+                segment: Some(SegmentFilter::default()),
+                ..coupon("ending", CouponDelivery::Segment)
+            },
+        )
         .await
         .unwrap();
-    let e = claim(&env, lazy.coupon_id, 1).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::InvalidRequest);
-    assert!(e.message.starts_with("coupon_id:"), "{}", e.message);
-    engine.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
+        env.db
+            .execute(Statement::from_string(
+                env.db.get_database_backend(),
+                format!(
+                    "UPDATE sales_promotion_coupon SET activity_end_time = now() - interval '1 minute' \
+                     WHERE id = {}",
+                    now.coupon_id
+                ),
+            ))
+            .await
+            .unwrap();
+        let e = claim(&env, now.coupon_id, 1).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Expired, "{e:?}");
+        let lazy = create(&env, &coupon("lazy one", CouponDelivery::Lazy))
+            .await
+            .unwrap();
+        let e = claim(&env, lazy.coupon_id, 1).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.starts_with("coupon_id:"), "{}", e.message);
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,116 +512,122 @@ async fn eager_coupon_reaches_every_user_exactly_once() {
     // Ten minutes between progress checks: the campaign completes within LONG only because
     // the node that records its last batch tells its supervisor at once.
     env.config.pipeline.progress_interval_ms = 600_000;
-    env.seed(12_345).await.unwrap();
-    let (a, ledger) = start(&env).await;
-    let (b, _) = start(&env).await;
-    let c = create(&env, &coupon("for everyone", CouponDelivery::Eager))
-        .await
-        .unwrap();
-    let campaign = c.campaign_id.expect("an eager coupon has a campaign");
-    let s = env.wait_completed(campaign, LONG).await.unwrap();
-    assert_eq!((s.recipients, s.sent, s.skipped), (12_345, 12_345, 0));
-    let users = users_of(&env, c.coupon_id).await;
-    assert_eq!(users, (1..=12_345).collect::<Vec<i64>>());
-    assert_eq!(status(&env, c.coupon_id).await.issued, 12_345);
-    assert_eq!(ledger.total(), 0, "eager issuance pushes nothing");
-    a.shutdown().await.unwrap();
-    b.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
+    env.run_test(async {
+        env.seed(12_345).await.unwrap();
+        let (a, ledger) = start(&env).await;
+        let (b, _) = start(&env).await;
+        let c = create(&env, &coupon("for everyone", CouponDelivery::Eager))
+            .await
+            .unwrap();
+        let campaign = c.campaign_id.expect("an eager coupon has a campaign");
+        let s = env.wait_completed(campaign, LONG).await.unwrap();
+        assert_eq!((s.recipients, s.sent, s.skipped), (12_345, 12_345, 0));
+        let users = users_of(&env, c.coupon_id).await;
+        assert_eq!(users, (1..=12_345).collect::<Vec<i64>>());
+        assert_eq!(status(&env, c.coupon_id).await.issued, 12_345);
+        assert_eq!(ledger.total(), 0, "eager issuance pushes nothing");
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_cancel_releases_the_item_and_bad_events_are_dead_lettered() {
     let env = TestEnv::new("cpcancel").await.unwrap();
-    env.seed(100).await.unwrap();
-    let (engine, _) = start(&env).await;
-    let c = create(
-        &env,
-        &CreateCouponRequest {
-            segment: Some(SegmentFilter::default()),
-            ..coupon("to use", CouponDelivery::Segment)
-        },
-    )
-    .await
-    .unwrap();
-    let item = claim(&env, c.coupon_id, 7).await.unwrap().coupon_item_id;
-    // The order system used it.
-    env.db
-        .execute(Statement::from_string(
-            env.db.get_database_backend(),
-            format!(
-                "UPDATE sales_promotion_coupon_item SET is_used = true, used_time = now() \
-                 WHERE id = {item}"
-            ),
-        ))
+    env.run_test(async {
+        env.seed(100).await.unwrap();
+        let (engine, _) = start(&env).await;
+        let c = create(
+            &env,
+            &CreateCouponRequest {
+                segment: Some(SegmentFilter::default()),
+                ..coupon("to use", CouponDelivery::Segment)
+            },
+        )
         .await
         .unwrap();
-    let used_sql = format!(
-        "SELECT COUNT(*) AS n FROM sales_promotion_coupon_item WHERE id = {item} AND is_used"
-    );
-    assert_eq!(count(&env, &used_sql).await, 1);
-    let cancel = |order_id, user_id, coupon_item_id| {
-        encode(&OrderCanceled {
-            order_id,
-            user_id,
-            coupon_item_id,
-        })
-        .unwrap()
-    };
-    let subjects = env.subjects();
-    env.publish_events(
-        subjects.event_order_canceled(),
-        vec![cancel(1, 7, item), cancel(1, 7, item)],
-    )
-    .await
-    .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            count(&env, &used_sql).await == 0
-        })
+        let item = claim(&env, c.coupon_id, 7).await.unwrap().coupon_item_id;
+        // The order system used it.
+        env.db
+            .execute(Statement::from_string(
+                env.db.get_database_backend(),
+                format!(
+                    "UPDATE sales_promotion_coupon_item SET is_used = true, used_time = now() \
+                     WHERE id = {item}"
+                ),
+            ))
+            .await
+            .unwrap();
+        let used_sql = format!(
+            "SELECT COUNT(*) AS n FROM sales_promotion_coupon_item WHERE id = {item} AND is_used"
+        );
+        assert_eq!(count(&env, &used_sql).await, 1);
+        let cancel = |order_id, user_id, coupon_item_id| {
+            encode(&OrderCanceled {
+                order_id,
+                user_id,
+                coupon_item_id,
+            })
+            .unwrap()
+        };
+        let subjects = env.subjects();
+        env.publish_events(
+            subjects.event_order_canceled(),
+            vec![cancel(1, 7, item), cancel(1, 7, item)],
+        )
         .await
-    );
+        .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || async {
+                count(&env, &used_sql).await == 0
+            })
+            .await
+        );
 
-    // Unknown item, someone else's item, and garbage: dead letters with the reason.
-    env.publish_events(
-        subjects.event_order_canceled(),
-        vec![cancel(2, 7, 424242), cancel(3, 8, item)],
-    )
+        // Unknown item, someone else's item, and garbage: dead letters with the reason.
+        env.publish_events(
+            subjects.event_order_canceled(),
+            vec![cancel(2, 7, 424242), cancel(3, 8, item)],
+        )
+        .await
+        .unwrap();
+        env.publish_events(
+            subjects.event_user_login(),
+            vec![b"{\"user\":1}".to_vec(), b"\xc1garbage".to_vec()],
+        )
+        .await
+        .unwrap();
+        let letters = dead_letters(&env, 4).await;
+        let mut reasons: Vec<String> = letters.iter().map(|l| l.reason.clone()).collect();
+        reasons.sort();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("coupon item 424242 does not exist")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("does not belong to user 8")),
+            "{reasons:?}"
+        );
+        assert_eq!(
+            reasons
+                .iter()
+                .filter(|r| r.starts_with("undecodable login event"))
+                .count(),
+            2,
+            "{reasons:?}"
+        );
+        assert_eq!(count(&env, &used_sql).await, 0, "still released");
+        engine.shutdown().await.unwrap();
+    })
     .await
     .unwrap();
-    env.publish_events(
-        subjects.event_user_login(),
-        vec![b"{\"user\":1}".to_vec(), b"\xc1garbage".to_vec()],
-    )
-    .await
-    .unwrap();
-    let letters = dead_letters(&env, 4).await;
-    let mut reasons: Vec<String> = letters.iter().map(|l| l.reason.clone()).collect();
-    reasons.sort();
-    assert_eq!(reasons.len(), 4, "{reasons:?}");
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("coupon item 424242 does not exist")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("does not belong to user 8")),
-        "{reasons:?}"
-    );
-    assert_eq!(
-        reasons
-            .iter()
-            .filter(|r| r.starts_with("undecodable login event"))
-            .count(),
-        2,
-        "{reasons:?}"
-    );
-    assert_eq!(count(&env, &used_sql).await, 0, "still released");
-    engine.shutdown().await.unwrap();
-    env.cleanup().await.unwrap();
 }
 
 /// `Store::issue` on both backends: the stock guard, the locked slow path and idempotence.
@@ -657,6 +678,5 @@ async fn issue_keeps_stock_and_idempotence_on_sqlite() {
 #[tokio::test]
 async fn issue_keeps_stock_and_idempotence_on_postgres() {
     let env = TestEnv::new("cpstore").await.unwrap();
-    issue_on(env.db.clone()).await;
-    env.cleanup().await.unwrap();
+    env.run_test(issue_on(env.db.clone())).await.unwrap();
 }

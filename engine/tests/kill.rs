@@ -54,70 +54,73 @@ fn spawn_node(env: &TestEnv, sink_url: &str) -> Node {
 async fn node_killed_mid_campaign_loses_no_user() {
     const USERS: i64 = 20_000;
     let env = TestEnv::new("kill").await.unwrap();
-    env.seed(USERS).await.unwrap();
-    let sink = WebhookSink::start(SinkConfig {
-        latency_ms: 10,
-        ..Default::default()
+    env.run_test(async {
+        env.seed(USERS).await.unwrap();
+        let sink = WebhookSink::start(SinkConfig {
+            latency_ms: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+        let mut first = spawn_node(&env, &sink.url());
+        let req = CreateCampaignRequest {
+            kind: CampaignKind::Promotion,
+            name: "killed".into(),
+            created_by: "ops-7".into(),
+            starts_at: Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap(),
+            ends_at: Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
+            inform_type: InformType::App,
+            title: "t".into(),
+            body: "b".into(),
+            audience: Audience::All,
+        };
+        let mut reply = None;
+        for _ in 0..100 {
+            match env.create(&req).await {
+                Ok(r) => {
+                    reply = Some(r.unwrap());
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await, // node starting
+            }
+        }
+        let reply = reply.expect("the node answered");
+        assert!(
+            wait_until(Duration::from_secs(60), || async {
+                sink.delivered_total() >= 3_000
+            })
+            .await,
+            "the campaign got going"
+        );
+        first.kill(); // SIGKILL: nothing is drained or acked
+        let at_kill = sink.delivered_total();
+        assert!(at_kill < USERS as u64, "killed mid-campaign (at {at_kill})");
+
+        let mut second = spawn_node(&env, &sink.url());
+        let s = env
+            .wait_completed(reply.campaign_id, Duration::from_secs(120))
+            .await
+            .unwrap();
+        second.kill();
+
+        assert!(
+            sink.missing(reply.campaign_id, 1..=USERS).is_empty(),
+            "no user lost"
+        );
+        assert_eq!(sink.distinct(), USERS as u64);
+        // In flight at the kill: at most push concurrency (8) batches of 100 recipients.
+        let repeats = sink.duplicates();
+        eprintln!("kill -9 at {at_kill} delivered: {repeats} repeated Idempotency-Keys");
+        assert!(
+            repeats <= 800,
+            "repeats bounded by the in-flight window: {repeats}"
+        );
+        assert_eq!(s.recipients, USERS);
+        assert_eq!(s.sent + s.skipped, USERS);
+        assert_eq!(s.failed, 0);
+        sink.shutdown().await;
     })
     .await
     .unwrap();
-
-    let mut first = spawn_node(&env, &sink.url());
-    let req = CreateCampaignRequest {
-        kind: CampaignKind::Promotion,
-        name: "killed".into(),
-        created_by: "ops-7".into(),
-        starts_at: Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap(),
-        ends_at: Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
-        inform_type: InformType::App,
-        title: "t".into(),
-        body: "b".into(),
-        audience: Audience::All,
-    };
-    let mut reply = None;
-    for _ in 0..100 {
-        match env.create(&req).await {
-            Ok(r) => {
-                reply = Some(r.unwrap());
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await, // node starting
-        }
-    }
-    let reply = reply.expect("the node answered");
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            sink.delivered_total() >= 3_000
-        })
-        .await,
-        "the campaign got going"
-    );
-    first.kill(); // SIGKILL: nothing is drained or acked
-    let at_kill = sink.delivered_total();
-    assert!(at_kill < USERS as u64, "killed mid-campaign (at {at_kill})");
-
-    let mut second = spawn_node(&env, &sink.url());
-    let s = env
-        .wait_completed(reply.campaign_id, Duration::from_secs(120))
-        .await
-        .unwrap();
-    second.kill();
-
-    assert!(
-        sink.missing(reply.campaign_id, 1..=USERS).is_empty(),
-        "no user lost"
-    );
-    assert_eq!(sink.distinct(), USERS as u64);
-    // In flight at the kill: at most push concurrency (8) batches of 100 recipients.
-    let repeats = sink.duplicates();
-    eprintln!("kill -9 at {at_kill} delivered: {repeats} repeated Idempotency-Keys");
-    assert!(
-        repeats <= 800,
-        "repeats bounded by the in-flight window: {repeats}"
-    );
-    assert_eq!(s.recipients, USERS);
-    assert_eq!(s.sent + s.skipped, USERS);
-    assert_eq!(s.failed, 0);
-    sink.shutdown().await;
-    env.cleanup().await.unwrap();
 }

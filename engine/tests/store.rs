@@ -298,14 +298,10 @@ async fn sqlite() -> DatabaseConnection {
 async fn on_postgres<F, Fut>(name: &str, body: F)
 where
     F: FnOnce(DatabaseConnection) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
 {
     let env = TestEnv::new(name).await.unwrap();
-    let outcome = tokio::spawn(body(env.db.clone())).await;
-    env.cleanup().await.unwrap();
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    env.run_test(body(env.db.clone())).await.unwrap();
 }
 
 #[tokio::test]
@@ -354,30 +350,33 @@ async fn racing_repeats_insert_once_on_postgres() {
 #[tokio::test]
 async fn seeding_users_leaves_fresh_statistics() {
     let env = TestEnv::new("seedstats").await.unwrap();
-    env.seed(3_000).await.unwrap();
-    #[derive(FromQueryResult)]
-    struct T {
-        relname: String,
-        reltuples: f64,
-    }
-    let tables = T::find_by_statement(Statement::from_string(
-        env.db.get_database_backend(),
-        "SELECT relname::text AS relname, reltuples::float8 AS reltuples FROM pg_class \
-         WHERE relname IN ('membership_account', 'membership_point', 'membership_filter')"
-            .to_string(),
-    ))
-    .all(&env.db)
+    env.run_test(async {
+        env.seed(3_000).await.unwrap();
+        #[derive(FromQueryResult)]
+        struct T {
+            relname: String,
+            reltuples: f64,
+        }
+        let tables = T::find_by_statement(Statement::from_string(
+            env.db.get_database_backend(),
+            "SELECT relname::text AS relname, reltuples::float8 AS reltuples FROM pg_class \
+             WHERE relname IN ('membership_account', 'membership_point', 'membership_filter')"
+                .to_string(),
+        ))
+        .all(&env.db)
+        .await
+        .unwrap();
+        assert_eq!(tables.len(), 3);
+        for t in tables {
+            assert_eq!(
+                t.reltuples, 3_000.0,
+                "{} has no fresh statistics",
+                t.relname
+            );
+        }
+    })
     .await
     .unwrap();
-    assert_eq!(tables.len(), 3);
-    for t in tables {
-        assert_eq!(
-            t.reltuples, 3_000.0,
-            "{} has no fresh statistics",
-            t.relname
-        );
-    }
-    env.cleanup().await.unwrap();
 }
 
 async fn bucket_users_on(db: DatabaseConnection) {

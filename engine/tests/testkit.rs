@@ -1,6 +1,7 @@
-//! The test kit's own promise, which the benchmark relies on: `TestEnv::run_and_cleanup`
-//! removes the environment's database, streams (scratch streams too) and Redis keys whether
-//! the work it ran returned, failed or panicked.
+//! The test kit's own promise, which the benchmark and the integration tests rely on:
+//! `TestEnv::run_and_cleanup` and `TestEnv::run_test` remove the environment's database,
+//! streams (scratch streams too) and Redis keys whether the work they ran returned, failed or
+//! panicked.
 
 use std::panic::AssertUnwindSafe;
 
@@ -151,6 +152,46 @@ async fn cleanup_tries_every_step_and_names_what_failed() {
     assert!(format!("{e:#}").contains("redis"), "{e:#}");
     env.config.redis.url = redis_url;
     assert!(!database_exists(&env).await, "database dropped");
+    env.cleanup().await.unwrap();
+    assert_removed(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_test_on_two_environments_removes_both_then_panics_on() {
+    let a = TestEnv::new("kittwoa").await.unwrap();
+    let b = TestEnv::new("kittwob").await.unwrap();
+    let r = AssertUnwindSafe(TestEnv::run_test_on(&[&a, &b], async {
+        leave_things_behind(&a).await;
+        leave_things_behind(&b).await;
+        if a.prefix.is_empty() {
+            return;
+        }
+        panic!("assertion failed: a test's own check");
+    }))
+    .catch_unwind()
+    .await;
+    let panic = r.expect_err("the panic goes on");
+    assert_eq!(
+        panic.downcast_ref::<&str>().copied(),
+        Some("assertion failed: a test's own check")
+    );
+    assert_removed(&a).await;
+    assert_removed(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_whose_cleanup_fails_fails() {
+    let mut env = TestEnv::new("kitstrict").await.unwrap();
+    leave_things_behind(&env).await;
+    let redis_url = env.config.redis.url.clone();
+    // Nothing listens on port 1: the Redis step fails after a body that passed.
+    env.config.redis.url = "redis://127.0.0.1:1".into();
+    let e = env
+        .run_test(async {})
+        .await
+        .expect_err("the cleanup failed");
+    assert!(format!("{e:#}").contains("redis"), "{e:#}");
+    env.config.redis.url = redis_url;
     env.cleanup().await.unwrap();
     assert_removed(&env).await;
 }

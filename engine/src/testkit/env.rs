@@ -1,6 +1,8 @@
 //! An isolated herald environment on the real servers, for integration tests and the
 //! benchmark: its own subject/stream prefix, Redis key prefix and PostgreSQL database, torn
-//! down by [`TestEnv::cleanup`].
+//! down by [`TestEnv::cleanup`]. A test runs its body through [`TestEnv::run_test`] (the
+//! benchmark through [`TestEnv::run_and_cleanup`]), so the environment goes away even when
+//! an assertion fails.
 
 use std::{
     future::Future,
@@ -299,54 +301,130 @@ impl TestEnv {
         &self,
         work: impl Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        let outcome = tokio::select! {
-            r = std::panic::AssertUnwindSafe(work).catch_unwind() => Some(r),
-            _ = crate::shutdown_signal() => None,
-        };
-        // tokio's handler has replaced the default one, so Ctrl-C no longer ends the process
-        // by itself: a second one during the cleanup does.
-        let impatient = tokio::spawn(async {
-            crate::shutdown_signal().await;
-            eprintln!("interrupted again: exiting without finishing the cleanup");
-            std::process::exit(130);
-        });
-        let mut cleaned = self.cleanup().await;
-        if !matches!(outcome, Some(Ok(Ok(_)))) {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Err(e) = self.delete_keys().await {
-                cleaned = cleaned.and(Err(anyhow::anyhow!(e)));
-            }
-        }
-        impatient.abort();
+        let (ended, cleaned) = run_then_remove(&[self], work).await;
         let report = |what: &str, c: anyhow::Result<()>| {
             if let Err(c) = c {
                 eprintln!("cleanup after {what} failed: {c:#}");
             }
         };
-        match outcome {
-            Some(Ok(Ok(value))) => {
+        match ended {
+            Ended::Finished(Ok(value)) => {
                 report("the work", cleaned);
                 Ok(value)
             }
-            Some(Ok(Err(e))) => {
+            Ended::Finished(Err(e)) => {
                 report("an error", cleaned);
                 Err(e)
             }
-            Some(Err(panic)) => {
+            Ended::Panicked(panic) => {
                 report("a panic", cleaned);
                 std::panic::resume_unwind(panic)
             }
-            None => {
+            Ended::Interrupted => {
                 cleaned?;
-                anyhow::bail!(
-                    "interrupted; database {}, streams {}* and keys {}:* removed",
-                    self.db_name,
-                    self.subjects().stream_prefix(),
-                    self.prefix
-                )
+                anyhow::bail!("interrupted; {} removed", removed(&[self]))
             }
         }
     }
+
+    /// Runs a test's `body` on this environment, then removes the environment whatever
+    /// happened, as [`TestEnv::run_and_cleanup`] does, so a failing assertion leaves nothing
+    /// behind. Unlike there, a failed cleanup after a passing body is an error: a test checks
+    /// that its environment goes away.
+    pub async fn run_test(&self, body: impl Future<Output = ()>) -> anyhow::Result<()> {
+        Self::run_test_on(&[self], body).await
+    }
+
+    /// [`TestEnv::run_test`] for a test on several environments: every one is removed.
+    pub async fn run_test_on(
+        envs: &[&TestEnv],
+        body: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let (ended, cleaned) = run_then_remove(envs, body.map(Ok)).await;
+        match ended {
+            Ended::Finished(r) => r.and(cleaned),
+            Ended::Panicked(panic) => {
+                if let Err(c) = cleaned {
+                    eprintln!("cleanup after a panic failed: {c:#}");
+                }
+                std::panic::resume_unwind(panic)
+            }
+            Ended::Interrupted => {
+                cleaned.context("interrupted")?;
+                anyhow::bail!("interrupted; {} removed", removed(envs))
+            }
+        }
+    }
+}
+
+/// How the work handed to [`run_then_remove`] ended.
+enum Ended<T> {
+    /// It returned, a value or an error.
+    Finished(anyhow::Result<T>),
+    /// It panicked; the payload, to resume after the cleanup.
+    Panicked(Box<dyn std::any::Any + Send>),
+    /// SIGINT or SIGTERM came first.
+    Interrupted,
+}
+
+/// Runs `work`, then removes every one of `envs` whatever happened (see
+/// [`TestEnv::run_and_cleanup`]); returns how `work` ended and what the cleanup found. One
+/// select over the work and the signal for all environments: nested runs would each watch the
+/// signal, and the outer one would drop the inner one in the middle of its cleanup.
+async fn run_then_remove<T>(
+    envs: &[&TestEnv],
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> (Ended<T>, anyhow::Result<()>) {
+    let ended = tokio::select! {
+        r = std::panic::AssertUnwindSafe(work).catch_unwind() => match r {
+            Ok(r) => Ended::Finished(r),
+            Err(panic) => Ended::Panicked(panic),
+        },
+        _ = crate::shutdown_signal() => Ended::Interrupted,
+    };
+    // tokio's handler has replaced the default one, so Ctrl-C no longer ends the process by
+    // itself: a second one during the cleanup does.
+    let impatient = tokio::spawn(async {
+        crate::shutdown_signal().await;
+        eprintln!("interrupted again: exiting without finishing the cleanup");
+        std::process::exit(130);
+    });
+    let mut failed = Vec::new();
+    for env in envs {
+        if let Err(e) = env.cleanup().await {
+            failed.push(format!("{e:#}"));
+        }
+    }
+    if !matches!(ended, Ended::Finished(Ok(_))) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for env in envs {
+            if let Err(e) = env.delete_keys().await {
+                failed.push(e);
+            }
+        }
+    }
+    impatient.abort();
+    let cleaned = if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(failed.join("; ")))
+    };
+    (ended, cleaned)
+}
+
+/// What the cleanup of `envs` removed, for the message of an interrupted run.
+fn removed(envs: &[&TestEnv]) -> String {
+    envs.iter()
+        .map(|env| {
+            format!(
+                "database {}, streams {}* and keys {}:*",
+                env.db_name,
+                env.subjects().stream_prefix(),
+                env.prefix
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
