@@ -11,7 +11,7 @@ use std::{
 
 use async_nats::jetstream::{
     self,
-    consumer::pull::{MessagesError, MessagesErrorKind},
+    consumer::pull::{self, MessagesError, MessagesErrorKind},
     consumer::PullConsumer,
     AckKind,
 };
@@ -110,6 +110,31 @@ impl Delivery {
     }
 }
 
+/// How long a pull request waits at the server. async-nats counts the messages it has asked
+/// for, and when the server no longer holds a request the client still counts (the bench's
+/// baseline consumer was seen stalled so, once), the client only asks again when its own
+/// timer runs out, `expires` + 5 s after its last request. With 30 s that was a 35 s stall;
+/// with 5 s it is at most 10 s, for one pull request per 5 s from an idle consumer.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on a waiting pull request (at most half of `PULL_EXPIRES`).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Opens the pull stream every loop here uses (and the bench's scratch consumers):
+/// `batch` messages per pull request, short-lived requests and idle heartbeats.
+pub async fn pull_messages(
+    consumer: &PullConsumer,
+    batch: usize,
+) -> Result<pull::Stream, NatsError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(batch.max(1))
+        .heartbeat(PULL_HEARTBEAT)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await
+        .map_err(|e| NatsError::Topology(format!("consumer {}: {e}", consumer.cached_info().name)))
+}
+
 /// Pulls from `consumer` until `stop` resolves, handling up to `settings.concurrency` messages
 /// at once. Messages in flight when `stop` resolves are finished and settled; those not yet
 /// started are left unacked and come back to some worker after the ack wait. Returns
@@ -130,14 +155,7 @@ where
     let mut consumer = consumer;
     let durable = consumer.cached_info().name.clone();
     let stream_name = consumer.cached_info().stream_name.clone();
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(settings.concurrency.max(1))
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| NatsError::Topology(format!("consumer {durable}: {e}")))?;
+    let messages = pull_messages(&consumer, settings.concurrency).await?;
     let _ = consumer.info().await;
     let deleted = AtomicBool::new(false);
     let deleted = &deleted;

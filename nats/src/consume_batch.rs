@@ -3,14 +3,16 @@
 //! Redis call and one multi-row insert for all of them. Each message is still settled on its
 //! own by the outcome the handler returned for it: ack, retry with backoff, or dead letter.
 
-use std::{future::Future, sync::atomic::AtomicBool, time::Duration};
+use std::{future::Future, sync::atomic::AtomicBool};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use herald_schemas::Subjects;
 
 use crate::{
-    consume::{ended, pull_error, settle, with_progress, ConsumeSettings, Delivery, Outcome},
+    consume::{
+        ended, pull_error, pull_messages, settle, with_progress, ConsumeSettings, Delivery, Outcome,
+    },
     NatsError,
 };
 
@@ -45,14 +47,7 @@ where
     let stream_name = consumer.cached_info().stream_name.clone();
     let size = settings.batch_size.max(1);
     let concurrency = settings.consume.concurrency.max(1);
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(size * concurrency)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| NatsError::Topology(format!("consumer {durable}: {e}")))?;
+    let messages = pull_messages(&consumer, size * concurrency).await?;
     let _ = consumer.info().await;
     let deleted = AtomicBool::new(false);
     let deleted = &deleted;

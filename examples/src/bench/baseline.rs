@@ -27,7 +27,13 @@ struct UserMessage {
 
 /// What the baseline run measured.
 pub struct BaselineResult {
+    /// Messages handled (one per user).
     pub users: u64,
+    /// Users the provider never received.
+    pub missing: u64,
+    /// Errors the pull stream yielded: a missed heartbeat means the consumer stalled until
+    /// its pull request ran out, and that round's time (and ratio) says so.
+    pub pull_errors: u64,
     pub seconds: f64,
     pub ledger: Ledger,
     /// CPU of this process and the servers during the run.
@@ -80,7 +86,21 @@ pub async fn run(
         }),
     );
 
-    let mut messages = messages.take(users as usize);
+    // A pull error is not a message: it is counted and reported, and `users` messages are
+    // still handled.
+    let mut pull_errors = 0u64;
+    let mut messages = messages
+        .filter_map(|m| {
+            futures::future::ready(match m {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    eprintln!("baseline: pull error: {e}");
+                    pull_errors += 1;
+                    None
+                }
+            })
+        })
+        .take(users as usize);
     let key_prefix = format!("{prefix}:baseline");
     let handled = futures::stream::poll_fn(|cx| messages.poll_next_unpin(cx))
         .map(|m| {
@@ -88,7 +108,6 @@ pub async fn run(
             let provider = provider.clone();
             let key_prefix = key_prefix.clone();
             async move {
-                let m = m?;
                 let u: UserMessage = rmp_serde::from_slice(&m.payload)?;
                 let key = format!("{key_prefix}:{}:{}", u.campaign_id, u.user_id);
                 let seen: Option<String> = redis.get(&key).await?;
@@ -115,8 +134,10 @@ pub async fn run(
             n + 1
         })
         .await;
+    drop(messages);
     producer.await??;
     let seconds = started.elapsed().as_secs_f64();
+    let missing = (users as u64).saturating_sub(ledger.distinct());
     let cpu = crate::proc::CpuSnapshot::since(&cpu0);
     // Clean up: the stream and the per-user keys.
     let _ = js.delete_stream(&name).await;
@@ -124,6 +145,8 @@ pub async fn run(
     let _ = redis.quit().await;
     Ok(BaselineResult {
         users: handled,
+        missing,
+        pull_errors,
         seconds,
         ledger,
         cpu,

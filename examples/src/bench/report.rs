@@ -204,14 +204,15 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
             ("baseline, provider 0 ms".to_string(), fast_b, &ratio_zero),
         ] {
             println!(
-                "{:<34} {:>10.1} {:>12.0} {:>9.1}   herald is {:.1}x  ({} users, {} dups)",
+                "{:<34} {:>10.1} {:>12.0} {:>9.1}   herald is {:.1}x  ({} users, {} dups, {} miss)",
                 label,
                 b.seconds,
                 base_rate(b),
                 b.cpu.engine,
                 median(ratio),
                 b.users,
-                b.ledger.duplicates()
+                b.ledger.duplicates(),
+                b.missing
             );
             println!(
                 "{:<34} cpu µs per user: {}",
@@ -233,6 +234,31 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
                 list(&ratio_zero)
             ));
         }
+        // A stalled pull makes a baseline round slow for a reason that is not its cost per
+        // user, so the rounds it touched are named next to their ratios.
+        let stalled: Vec<String> = bases
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (slow, fast))| {
+                [(run.latency_ms, slow), (0, fast)]
+                    .into_iter()
+                    .filter(|(_, b)| b.pull_errors > 0)
+                    .map(move |(ms, b)| format!("round {}, {ms} ms: {}", i + 1, b.pull_errors))
+            })
+            .collect();
+        if !stalled.is_empty() {
+            ratio_lines.push(format!(
+                "baseline pull errors (a stalled consumer; that round's ratio is not a cost \
+                 ratio): {}",
+                stalled.join("; ")
+            ));
+        }
+        let per_round = |pick: fn(&(BaselineResult, BaselineResult)) -> &BaselineResult| {
+            bases
+                .iter()
+                .map(|b| pick(b).pull_errors)
+                .collect::<Vec<_>>()
+        };
         json_baseline = json!({
             "users": slow_b.users,
             "latency_users_per_s": base_rate(slow_b),
@@ -243,6 +269,9 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
             "ratio_zero_per_round": ratio_zero,
             "latency_cpu_seconds_by_process": slow_b.cpu.json(),
             "zero_cpu_seconds_by_process": fast_b.cpu.json(),
+            "missing_per_round": bases.iter().map(|b| [b.0.missing, b.1.missing]).collect::<Vec<_>>(),
+            "latency_pull_errors_per_round": per_round(|b| &b.0),
+            "zero_pull_errors_per_round": per_round(|b| &b.1),
         });
     }
     let mut rows = vec![

@@ -32,7 +32,10 @@ pub async fn stream_with_consumer(
             ..consumer
         })
         .await?;
-    Ok((stream_name, subject, consumer.messages().await?))
+    // herald's own pull settings, so a lost pull request stalls the scratch consumer no
+    // longer than it would stall a stage.
+    let messages = herald_nats::consume::pull_messages(&consumer, 200).await?;
+    Ok((stream_name, subject, messages))
 }
 
 /// Publishes every payload `payloads` yields to `subject`, awaiting acks a window at a time.
