@@ -29,7 +29,8 @@ struct UserMessage {
 pub struct BaselineResult {
     /// Messages handled (one per user).
     pub users: u64,
-    /// Users the provider never received.
+    /// Users of the run the provider never received (counted against the users asked
+    /// for, so a stream that ended early shows here too).
     pub missing: u64,
     /// Errors the pull stream yielded: a missed heartbeat means the consumer stalled until
     /// its pull request ran out, and that round's time (and ratio) says so.

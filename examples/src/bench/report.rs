@@ -253,11 +253,12 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
                 stalled.join("; ")
             ));
         }
-        let per_round = |pick: fn(&(BaselineResult, BaselineResult)) -> &BaselineResult| {
-            bases
-                .iter()
-                .map(|b| pick(b).pull_errors)
-                .collect::<Vec<_>>()
+        // One figure of every baseline round, the 200 ms runs and the 0 ms runs apart.
+        let per_round = |figure: fn(&BaselineResult) -> u64| {
+            json!({
+                "latency": bases.iter().map(|b| figure(&b.0)).collect::<Vec<_>>(),
+                "zero": bases.iter().map(|b| figure(&b.1)).collect::<Vec<_>>(),
+            })
         };
         json_baseline = json!({
             "users": slow_b.users,
@@ -269,9 +270,8 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
             "ratio_zero_per_round": ratio_zero,
             "latency_cpu_seconds_by_process": slow_b.cpu.json(),
             "zero_cpu_seconds_by_process": fast_b.cpu.json(),
-            "missing_per_round": bases.iter().map(|b| [b.0.missing, b.1.missing]).collect::<Vec<_>>(),
-            "latency_pull_errors_per_round": per_round(|b| &b.0),
-            "zero_pull_errors_per_round": per_round(|b| &b.1),
+            "missing_per_round": per_round(|b| b.missing),
+            "pull_errors_per_round": per_round(|b| b.pull_errors),
         });
     }
     let mut rows = vec![
