@@ -680,3 +680,74 @@ async fn issue_keeps_stock_and_idempotence_on_postgres() {
     let env = TestEnv::new("cpstore").await.unwrap();
     env.run_test(issue_on(env.db.clone())).await.unwrap();
 }
+
+/// Batches that run past a limited coupon's stock take the locked slow path while others
+/// are on the fast one. Both take coupon rows in id order, so none deadlocks. The slow path
+/// once locked the limited coupons first and the unlimited one, with a lower id, last: a
+/// fast batch holding the unlimited coupon and waiting for the roomy limited one then
+/// deadlocked with it (seen in the logins benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_issues_past_the_stock_do_not_deadlock() {
+    use herald_engine::actors::store::Store;
+    let env = TestEnv::new("cpdeadlock").await.unwrap();
+    env.run_test(async {
+        let db = herald_engine::engine::connect_db(&env.config.database.url, 16)
+            .await
+            .unwrap();
+        let store = Store::new(db);
+        let now = Utc::now();
+        let since = now - Span::minutes(30);
+        // The unlimited coupon gets the lower id.
+        let (open, _) = store
+            .insert_coupon(&coupon("open", CouponDelivery::Lazy), now, since)
+            .await
+            .unwrap();
+        let roomy = CreateCouponRequest {
+            total: Some(1_000_000),
+            ..coupon("roomy", CouponDelivery::Lazy)
+        };
+        let (roomy, _) = store.insert_coupon(&roomy, now, since).await.unwrap();
+        let limited = CreateCouponRequest {
+            total: Some(50),
+            ..coupon("fifty", CouponDelivery::Lazy)
+        };
+        let (fifty, _) = store.insert_coupon(&limited, now, since).await.unwrap();
+        let (tasks, batches, per_batch) = (16_i64, 12_i64, 10_i64);
+        let mut running = tokio::task::JoinSet::new();
+        for t in 0..tasks {
+            let store = store.clone();
+            running.spawn(async move {
+                let mut failed = Vec::new();
+                for b in 0..batches {
+                    let first = (t * batches + b) * per_batch + 1;
+                    let pairs: Vec<(i64, i64)> = (first..first + per_batch)
+                        .flat_map(|u| [(open, u), (roomy, u), (fifty, u)])
+                        .collect();
+                    if let Err(e) = store.issue(&pairs, Utc::now(), None).await {
+                        failed.push(e.to_string());
+                    }
+                }
+                failed
+            });
+        }
+        let mut failed = Vec::new();
+        while let Some(f) = running.join_next().await {
+            failed.extend(f.unwrap());
+        }
+        assert!(
+            failed.is_empty(),
+            "{} batches failed: {:?}",
+            failed.len(),
+            failed.first()
+        );
+        let users = tasks * batches * per_batch;
+        assert_eq!(store.coupon(open).await.unwrap().unwrap().issued, users);
+        assert_eq!(store.coupon(roomy).await.unwrap().unwrap().issued, users);
+        assert_eq!(store.coupon(fifty).await.unwrap().unwrap().issued, 50);
+        assert_eq!(items(&env, open).await, users);
+        assert_eq!(items(&env, roomy).await, users);
+        assert_eq!(items(&env, fifty).await, 50);
+    })
+    .await
+    .unwrap();
+}

@@ -384,29 +384,31 @@ impl Store {
         for (c, u) in &pairs {
             by_coupon.entry(*c).or_default().push(*u);
         }
+        // Every coupon of the batch is locked first, in id order, as the fast path's count
+        // updates take them. Locking only the limited ones here, and the others at the end,
+        // deadlocked with a fast batch that held an unlimited coupon with a lower id and
+        // waited for a limited one. A no-op write takes the row lock (PostgreSQL) or the
+        // write lock (SQLite); the stock reads after it are stable until commit.
+        for coupon in by_coupon.keys() {
+            txn.execute(stmt(
+                &txn,
+                "UPDATE sales_promotion_coupon SET coupon_received_count = coupon_received_count \
+                 WHERE id = $1",
+                vec![(*coupon).into()],
+            ))
+            .await?;
+        }
         let mut keep = Vec::with_capacity(pairs.len());
         let mut out_of_stock = Vec::new();
         for (coupon, users) in by_coupon {
             let stock_sql =
                 "SELECT coupon_count, coupon_received_count FROM sales_promotion_coupon WHERE id = $1";
-            let read =
-                || Stock::find_by_statement(stmt(&txn, stock_sql, vec![coupon.into()])).one(&txn);
-            let Some(first) = read().await? else { continue };
-            if first.coupon_count.is_none() {
-                // Unlimited: no lock, so it cannot wait on other batches' inserts.
-                keep.extend(users.into_iter().map(|u| (coupon, u)));
+            let Some(stock) = Stock::find_by_statement(stmt(&txn, stock_sql, vec![coupon.into()]))
+                .one(&txn)
+                .await?
+            else {
                 continue;
-            }
-            // A no-op write takes the row lock (PostgreSQL) or the write lock (SQLite); the
-            // stock read after it is stable until commit.
-            txn.execute(stmt(
-                &txn,
-                "UPDATE sales_promotion_coupon SET coupon_received_count = coupon_received_count \
-                 WHERE id = $1",
-                vec![coupon.into()],
-            ))
-            .await?;
-            let Some(stock) = read().await? else { continue };
+            };
             let Some(total) = stock.coupon_count else {
                 keep.extend(users.into_iter().map(|u| (coupon, u)));
                 continue;
