@@ -5,5 +5,5 @@
 mod env;
 mod webhook_sink;
 
-pub use env::{pg_admin_url, wait_until, TestEnv};
+pub use env::{pg_admin_url, wait_until, TestEnv, MAX_NAME_LEN};
 pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};

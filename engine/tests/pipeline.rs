@@ -573,8 +573,12 @@ async fn two_nodes_share_a_campaign_and_send_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_database_reusing_campaign_ids_still_reaches_everyone() {
     // Both exist from the start, so that one run removes both whatever fails.
-    let old = TestEnv::new("epoch1").await.unwrap();
-    let new = TestEnv::new("epoch2").await.unwrap();
+    let [old, new]: [TestEnv; 2] = TestEnv::new_all(&["epoch1", "epoch2"])
+        .await
+        .unwrap()
+        .try_into()
+        .ok()
+        .unwrap();
     TestEnv::run_test_on(&[&new, &old], async {
         // First life: campaign 1 runs to completion, leaving its messages in the streams and
         // its markers in Redis.

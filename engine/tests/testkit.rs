@@ -33,18 +33,24 @@ async fn leave_things_behind(env: &TestEnv) {
     let _ = redis.quit().await;
 }
 
-async fn database_exists(env: &TestEnv) -> bool {
+/// How many databases have a name `LIKE` the pattern.
+async fn databases_like(pattern: &str) -> i64 {
     let admin = Database::connect(&pg_admin_url()).await.unwrap();
     let row = admin
         .query_one(Statement::from_sql_and_values(
             admin.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM pg_database WHERE datname = $1",
-            [env.db_name().into()],
+            "SELECT COUNT(*) AS n FROM pg_database WHERE datname LIKE $1",
+            [pattern.into()],
         ))
         .await
         .unwrap()
         .unwrap();
-    row.try_get::<i64>("", "n").unwrap() > 0
+    let _ = admin.close().await;
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+async fn database_exists(env: &TestEnv) -> bool {
+    databases_like(env.db_name()).await > 0
 }
 
 async fn assert_removed(env: &TestEnv) {
@@ -158,8 +164,12 @@ async fn cleanup_tries_every_step_and_names_what_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_test_on_two_environments_removes_both_then_panics_on() {
-    let a = TestEnv::new("kittwoa").await.unwrap();
-    let b = TestEnv::new("kittwob").await.unwrap();
+    let [a, b]: [TestEnv; 2] = TestEnv::new_all(&["kittwoa", "kittwob"])
+        .await
+        .unwrap()
+        .try_into()
+        .ok()
+        .unwrap();
     let r = AssertUnwindSafe(TestEnv::run_test_on(&[&a, &b], async {
         leave_things_behind(&a).await;
         leave_things_behind(&b).await;
@@ -194,4 +204,29 @@ async fn a_test_whose_cleanup_fails_fails() {
     env.config.redis.url = redis_url;
     env.cleanup().await.unwrap();
     assert_removed(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environments_made_together_are_all_removed_when_one_cannot_be_made() {
+    let e = TestEnv::new_all(&["kitallok", "kit-all-bad"])
+        .await
+        .err()
+        .expect("a name with '-' is refused");
+    let message = format!("{e:#}");
+    assert!(
+        message.contains("kit-all-bad") && message.contains("ASCII"),
+        "{message}"
+    );
+    // The first one was made (its prefix starts with this process's id) and is gone again.
+    let ours = format!("herald_kitallok_t{}p%", std::process::id());
+    assert_eq!(databases_like(&ours).await, 0, "databases {ours} left");
+
+    // PostgreSQL would cut a longer database name short, and the test would then connect to
+    // a database that does not exist.
+    let long = "x".repeat(herald_engine::testkit::MAX_NAME_LEN + 1);
+    let e = TestEnv::new(&long)
+        .await
+        .err()
+        .expect("a long name is refused");
+    assert!(format!("{e:#}").contains("ASCII"), "{e:#}");
 }

@@ -37,6 +37,24 @@ async fn connect_admin(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> 
     Database::connect(options).await
 }
 
+/// Longest environment name [`TestEnv::new`] takes: with `herald_`, `_` and the prefix
+/// (up to 24 bytes), the database name stays within PostgreSQL's 63.
+pub const MAX_NAME_LEN: usize = 30;
+
+/// Drops a test database; FORCE ends whatever connection is left.
+async fn drop_database(db_name: &str) -> Result<(), String> {
+    let drop = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+    let admin = connect_admin(&pg_admin_url())
+        .await
+        .map_err(|e| format!("connecting to drop database {db_name}: {e}"))?;
+    let stmt = Statement::from_string(admin.get_database_backend(), drop);
+    let dropped = admin.execute(stmt).await;
+    let _ = admin.close().await;
+    dropped
+        .map(|_| ())
+        .map_err(|e| format!("dropping database {db_name}: {e}"))
+}
+
 /// One isolated environment.
 pub struct TestEnv {
     /// Subject, stream and Redis key prefix.
@@ -51,8 +69,17 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// Creates the database (migrated), and a config with a unique prefix.
+    /// Creates the database (migrated), and a config with a unique prefix. `name` goes into
+    /// the database name, so it takes ASCII letters, digits and `_`, at most
+    /// [`MAX_NAME_LEN`] of them (PostgreSQL would cut a longer name short). If a step after
+    /// creating the database fails, the database is dropped again.
     pub async fn new(name: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !name.is_empty()
+                && name.len() <= MAX_NAME_LEN
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "test environment name {name:?}: use 1 to {MAX_NAME_LEN} ASCII letters, digits or _"
+        );
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -78,10 +105,43 @@ impl TestEnv {
             ))
             .await?;
         admin.close().await?;
+        match Self::open(prefix, db_name.clone(), &admin_url).await {
+            Ok(env) => Ok(env),
+            Err(e) => {
+                if let Err(d) = drop_database(&db_name).await {
+                    eprintln!("{d}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates environments named `names`, or none: if one fails, those made before it are
+    /// removed. For a test on several environments (see [`TestEnv::run_test_on`]).
+    pub async fn new_all(names: &[&str]) -> anyhow::Result<Vec<Self>> {
+        let mut envs = Vec::with_capacity(names.len());
+        for name in names {
+            match Self::new(name).await {
+                Ok(env) => envs.push(env),
+                Err(e) => {
+                    for env in &envs {
+                        if let Err(c) = env.cleanup().await {
+                            eprintln!("{c:#}");
+                        }
+                    }
+                    return Err(e.context(format!("creating test environment {name}")));
+                }
+            }
+        }
+        Ok(envs)
+    }
+
+    /// The config, a migrated pool and a NATS connection for a database just created.
+    async fn open(prefix: String, db_name: String, admin_url: &str) -> anyhow::Result<Self> {
         let mut config = Config::default();
         config.nats.prefix = prefix.clone();
         // Keeps the admin URL's parameters (`?sslmode=disable`, say) for the test database.
-        config.database.url = herald_migrations::with_database(&admin_url, &db_name);
+        config.database.url = herald_migrations::with_database(admin_url, &db_name);
         config.database.max_connections = 10;
         config.pipeline.progress_interval_ms = 200;
         config.pipeline.push.ack_wait_secs = 5;
@@ -260,15 +320,8 @@ impl TestEnv {
         }
         // Our own pool first; FORCE ends whatever connection is left.
         let _ = self.db.clone().close().await;
-        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name);
-        match connect_admin(&pg_admin_url()).await {
-            Ok(admin) => {
-                let stmt = Statement::from_string(admin.get_database_backend(), drop);
-                if let Err(e) = admin.execute(stmt).await {
-                    failed.push(format!("dropping database {}: {e}", self.db_name));
-                }
-            }
-            Err(e) => failed.push(format!("connecting to drop database {}: {e}", self.db_name)),
+        if let Err(e) = drop_database(&self.db_name).await {
+            failed.push(e);
         }
         if failed.is_empty() {
             Ok(())
