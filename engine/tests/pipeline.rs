@@ -573,12 +573,7 @@ async fn two_nodes_share_a_campaign_and_send_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_database_reusing_campaign_ids_still_reaches_everyone() {
     // Both exist from the start, so that one run removes both whatever fails.
-    let [old, new]: [TestEnv; 2] = TestEnv::new_all(&["epoch1", "epoch2"])
-        .await
-        .unwrap()
-        .try_into()
-        .ok()
-        .unwrap();
+    let [old, new] = TestEnv::new_all(["epoch1", "epoch2"]).await.unwrap();
     TestEnv::run_test_on(&[&new, &old], async {
         // First life: campaign 1 runs to completion, leaving its messages in the streams and
         // its markers in Redis.

@@ -164,12 +164,7 @@ async fn cleanup_tries_every_step_and_names_what_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_test_on_two_environments_removes_both_then_panics_on() {
-    let [a, b]: [TestEnv; 2] = TestEnv::new_all(&["kittwoa", "kittwob"])
-        .await
-        .unwrap()
-        .try_into()
-        .ok()
-        .unwrap();
+    let [a, b] = TestEnv::new_all(["kittwoa", "kittwob"]).await.unwrap();
     let r = AssertUnwindSafe(TestEnv::run_test_on(&[&a, &b], async {
         leave_things_behind(&a).await;
         leave_things_behind(&b).await;
@@ -208,7 +203,7 @@ async fn a_test_whose_cleanup_fails_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environments_made_together_are_all_removed_when_one_cannot_be_made() {
-    let e = TestEnv::new_all(&["kitallok", "kit-all-bad"])
+    let e = TestEnv::new_all(["kitallok", "kit-all-bad"])
         .await
         .err()
         .expect("a name with '-' is refused");

@@ -118,8 +118,8 @@ impl TestEnv {
 
     /// Creates environments named `names`, or none: if one fails, those made before it are
     /// removed. For a test on several environments (see [`TestEnv::run_test_on`]).
-    pub async fn new_all(names: &[&str]) -> anyhow::Result<Vec<Self>> {
-        let mut envs = Vec::with_capacity(names.len());
+    pub async fn new_all<const N: usize>(names: [&str; N]) -> anyhow::Result<[Self; N]> {
+        let mut envs = Vec::with_capacity(N);
         for name in names {
             match Self::new(name).await {
                 Ok(env) => envs.push(env),
@@ -133,7 +133,9 @@ impl TestEnv {
                 }
             }
         }
-        Ok(envs)
+        Ok(envs
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one environment per name")))
     }
 
     /// The config, a migrated pool and a NATS connection for a database just created.
