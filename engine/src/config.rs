@@ -108,6 +108,10 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Pool size.
     pub max_connections: u32,
+    /// Connections opened when the node starts and kept open, at most `max_connections`.
+    /// Each PostgreSQL connection opened later, under load, costs a backend start (and a TLS
+    /// handshake unless `sslmode=disable`), a few milliseconds of CPU on a small machine.
+    pub min_connections: u32,
     /// Apply pending migrations when a node starts.
     pub migrate_on_start: bool,
 }
@@ -117,6 +121,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://data/herald.db?mode=rwc".into(),
             max_connections: 16,
+            min_connections: 1,
             migrate_on_start: true,
         }
     }
@@ -375,6 +380,14 @@ impl Config {
 
     /// Checks values serde cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
+        let d = &self.database;
+        if d.max_connections < 1 || d.min_connections > d.max_connections {
+            bail!(
+                "database.max_connections ({}) must be at least 1, and database.min_connections ({}) at most that",
+                d.max_connections,
+                d.min_connections
+            );
+        }
         let p = &self.pipeline;
         if p.bucket_size < 1 {
             bail!("pipeline.bucket_size: must be at least 1");
@@ -475,6 +488,25 @@ mod tests {
         std::fs::write(&f, "[pipeline]\nbucket_size = 0\n").unwrap();
         let e = Config::load_from(Some(&f), env(&[])).unwrap_err();
         assert!(format!("{e:#}").contains("bucket_size"), "{e:#}");
+    }
+
+    #[test]
+    fn min_connections_above_the_pool_size_is_an_error() {
+        let c =
+            Config::load_from(None, env(&[("HERALD__DATABASE__MIN_CONNECTIONS", "16")])).unwrap();
+        assert_eq!(c.database.min_connections, 16);
+        let e = Config::load_from(
+            None,
+            env(&[
+                ("HERALD__DATABASE__MAX_CONNECTIONS", "4"),
+                ("HERALD__DATABASE__MIN_CONNECTIONS", "5"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("database.min_connections (5)"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -58,8 +58,18 @@ impl EngineBuilder {
     }
 }
 
-/// Connects to the database (SQLite in WAL mode, so readers do not block the writer).
+/// Connects to the database (SQLite in WAL mode, so readers do not block the writer), with
+/// one connection open until more are needed.
 pub async fn connect_db(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    connect_db_with(url, max_connections, 1).await
+}
+
+/// [`connect_db`] with `min_connections` opened before it returns and kept open.
+pub async fn connect_db_with(
+    url: &str,
+    max_connections: u32,
+    min_connections: u32,
+) -> anyhow::Result<DatabaseConnection> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let file = path.split('?').next().unwrap_or_default();
         if let Some(dir) = std::path::Path::new(file).parent() {
@@ -71,7 +81,7 @@ pub async fn connect_db(url: &str, max_connections: u32) -> anyhow::Result<Datab
     }
     let mut opts = ConnectOptions::new(url.to_string());
     opts.max_connections(max_connections)
-        .min_connections(1)
+        .min_connections(min_connections.clamp(1, max_connections.max(1)))
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
         .sqlx_logging(false);
@@ -150,7 +160,8 @@ impl Engine {
         for (t, p) in overrides {
             providers.insert(t, p);
         }
-        let db = connect_db(&config.database.url, config.database.max_connections).await?;
+        let d = &config.database;
+        let db = connect_db_with(&d.url, d.max_connections, d.min_connections).await?;
         if config.database.migrate_on_start {
             migrate(&db).await?;
         }

@@ -436,3 +436,40 @@ async fn bucket_users_on_sqlite() {
 async fn bucket_users_on_postgres() {
     on_postgres("storebucket", bucket_users_on).await;
 }
+
+/// `database.min_connections` are open once a node has started, so the first campaign does
+/// not pay for opening them (a backend start and often a TLS handshake each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_opens_its_min_connections_when_it_starts() {
+    #[derive(FromQueryResult)]
+    struct Count {
+        n: i64,
+    }
+    let env = TestEnv::new("storeminconn").await.unwrap();
+    env.run_test(async {
+        let count = || async {
+            Count::find_by_statement(Statement::from_sql_and_values(
+                env.db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database()",
+                [],
+            ))
+            .one(&env.db)
+            .await
+            .unwrap()
+            .unwrap()
+            .n
+        };
+        let before = count().await;
+        let mut config = env.config.clone();
+        config.node.run_pipeline = false;
+        config.api.enabled = false;
+        config.database.max_connections = 8;
+        config.database.min_connections = 6;
+        let engine = herald_engine::Engine::start(config).await.unwrap();
+        let opened = count().await - before;
+        assert!(opened >= 6, "the node opened {opened} connections, not 6");
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
+}

@@ -138,6 +138,9 @@ fn bench_config(env: &TestEnv, args: &Args) -> Config {
     c.pipeline.claim_ttl_secs = 60;
     c.pipeline.progress_interval_ms = args.progress_ms;
     c.database.max_connections = 16;
+    // A node that has been running holds its connections; the bench starts a node for each
+    // push, so it opens them before the clock starts rather than during the push.
+    c.database.min_connections = 16;
     if let Some(n) = args.api_db_connections {
         c.api.db_connections = n;
     }
