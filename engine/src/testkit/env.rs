@@ -23,10 +23,12 @@ use crate::{api, config::Config, engine::connect_db, engine::migrate, seed};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// The admin URL of the test PostgreSQL server (`HERALD_TEST_PG_URL` overrides).
+/// The admin URL of the test PostgreSQL server (`HERALD_TEST_PG_URL` overrides). Without TLS:
+/// the server is on loopback, where TLS only costs CPU (a handshake per connection and
+/// encryption per query), as the README advises for `database.url` on a trusted loopback.
 pub fn pg_admin_url() -> String {
     std::env::var("HERALD_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
 }
 
 /// The admin connection, without sqlx's statement log: dropping a 10M-user database takes
