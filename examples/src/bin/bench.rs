@@ -14,6 +14,8 @@ mod ceiling;
 mod counting;
 #[path = "../bench/create_latency.rs"]
 mod create_latency;
+#[path = "../bench/early_signal.rs"]
+mod early_signal;
 #[path = "../bench/logins.rs"]
 mod logins;
 #[path = "../bench/proc.rs"]
@@ -267,8 +269,11 @@ async fn floor(
 }
 
 /// The logins scenario in an environment of its own (database, streams, Redis keys).
-async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
-    let env = TestEnv::new("logins").await?;
+async fn logins(
+    args: &Args,
+    signals: &mut early_signal::EarlySignals,
+) -> anyhow::Result<logins::LoginsResult> {
+    let env = signals.new_env("logins").await?;
     let config = bench_config(&env, args);
     env.run_and_cleanup(logins::run(&env, config, args.logins, args.login_users))
         .await
@@ -277,6 +282,7 @@ async fn logins(args: &Args) -> anyhow::Result<logins::LoginsResult> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut signals = early_signal::EarlySignals::register()?;
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -286,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
             "logins: {} events of {} users ...",
             args.logins, args.login_users
         );
-        let r = logins(&args).await?;
+        let r = logins(&args, &mut signals).await?;
         println!();
         println!("herald benchmark: logins only, {} cores", cores());
         print_columns();
@@ -294,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", json!({ "logins": r.json() }));
         return Ok(());
     }
-    let env = TestEnv::new("bench").await?;
+    let env = signals.new_env("bench").await?;
     if args.only_create {
         return env.run_and_cleanup(only_create(&env, &args)).await;
     }
@@ -306,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
             "logins: {} events of {} users ...",
             args.logins, args.login_users
         );
-        logins(&args).await.map(Some)
+        logins(&args, &mut signals).await.map(Some)
     };
     let run = Run {
         users: args.users,
