@@ -55,11 +55,12 @@ struct Args {
     /// Users in the baseline runs (default: the smaller of --users and 200,000).
     #[arg(long)]
     baseline_users: Option<i64>,
-    /// Push batches one node handles at once (pipeline.push.concurrency).
-    #[arg(long, default_value_t = 300)]
+    /// Push batches one node handles at once (pipeline.push.concurrency). With a 200 ms
+    /// provider, sends in flight cap users/s at sends / 0.2 s; BENCHMARKS.md says why 3,600.
+    #[arg(long, default_value_t = 3_600)]
     push_concurrency: usize,
     /// Provider calls in flight (pipeline.send_concurrency).
-    #[arg(long, default_value_t = 40_000)]
+    #[arg(long, default_value_t = 360_000)]
     send_concurrency: usize,
     /// Concurrent requesters in the create-latency scenario.
     #[arg(long, default_value_t = 100)]
