@@ -3,9 +3,9 @@
 //! [`Store::issue`] is the one way items are created, for lazy, eager and claimed coupons
 //! alike: a multi-row `INSERT … ON CONFLICT DO NOTHING` (the unique index on coupon + user
 //! makes it idempotent) and a guarded count update in the same transaction. A limited
-//! coupon's count only moves while it stays within the stock; when that guard fails the batch
-//! is redone with the coupon rows locked, issuing exactly what stock is left. So the database
-//! never oversells, whatever Redis says.
+//! coupon's count only moves while it stays within the stock; when that guard fails, the
+//! coupon row is locked, and the items past what stock is left are deleted again before the
+//! count moves. So the database never oversells, whatever Redis says.
 
 use std::collections::BTreeMap;
 
@@ -336,6 +336,10 @@ impl Store {
 
     /// Issues coupon items for (coupon, user) pairs, at most one per pair ever, never past a
     /// coupon's stock; with `batch`, records that push batch done in the same transaction.
+    ///
+    /// Every writer takes its locks in one order: its items in (coupon, user) order, then its
+    /// coupons' rows in id order. A batch that ran past a stock once locked that coupon before
+    /// inserting its items, and deadlocked with batches that held an item it wanted.
     pub async fn issue(
         &self,
         pairs: &[(i64, i64)],
@@ -343,109 +347,28 @@ impl Store {
         batch: Option<(BatchDone, i32)>,
     ) -> Result<Issued, DbErr> {
         let mut pairs = pairs.to_vec();
-        // One order for every writer: concurrent batches then wait on each other, not deadlock.
         pairs.sort_unstable();
         pairs.dedup();
-        let db = self.db();
-        let txn = db.begin().await?;
-        let items = insert_items(&txn, &pairs, now).await?;
-        if bump_counts(&txn, &items, now, true).await? {
-            let completed = record(&txn, batch, items.len(), now).await?;
-            txn.commit().await?;
-            return Ok(Issued {
-                items,
-                out_of_stock: vec![],
-                completed,
-            });
-        }
-        txn.rollback().await?;
-        self.issue_locked(pairs, now, batch).await
-    }
-
-    /// The slow path of [`Store::issue`], when a coupon's stock runs out within the batch:
-    /// lock the coupons, see what is left, issue that much.
-    async fn issue_locked(
-        &self,
-        pairs: Vec<(i64, i64)>,
-        now: DateTime<Utc>,
-        batch: Option<(BatchDone, i32)>,
-    ) -> Result<Issued, DbErr> {
-        #[derive(FromQueryResult)]
-        struct Stock {
-            coupon_count: Option<i64>,
-            coupon_received_count: i64,
-        }
-        #[derive(FromQueryResult)]
-        struct Holder {
-            user_account_id: i64,
-        }
         let txn = self.db().begin().await?;
-        let mut by_coupon: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-        for (c, u) in &pairs {
-            by_coupon.entry(*c).or_default().push(*u);
+        let inserted = insert_items(&txn, &pairs, now).await?;
+        let mut by_coupon: BTreeMap<i64, Vec<IssuedItem>> = BTreeMap::new();
+        for it in inserted {
+            by_coupon.entry(it.coupon_id).or_default().push(it);
         }
-        // Every coupon of the batch is locked first, in id order, as the fast path's count
-        // updates take them. Locking only the limited ones here, and the others at the end,
-        // deadlocked with a fast batch that held an unlimited coupon with a lower id and
-        // waited for a limited one. A no-op write takes the row lock (PostgreSQL) or the
-        // write lock (SQLite); the stock reads after it are stable until commit.
-        for coupon in by_coupon.keys() {
-            txn.execute(stmt(
-                &txn,
-                "UPDATE sales_promotion_coupon SET coupon_received_count = coupon_received_count \
-                 WHERE id = $1",
-                vec![(*coupon).into()],
-            ))
-            .await?;
-        }
-        let mut keep = Vec::with_capacity(pairs.len());
+        let mut items = Vec::new();
         let mut out_of_stock = Vec::new();
-        for (coupon, users) in by_coupon {
-            let stock_sql =
-                "SELECT coupon_count, coupon_received_count FROM sales_promotion_coupon WHERE id = $1";
-            let Some(stock) = Stock::find_by_statement(stmt(&txn, stock_sql, vec![coupon.into()]))
-                .one(&txn)
-                .await?
-            else {
-                continue;
-            };
-            let Some(total) = stock.coupon_count else {
-                keep.extend(users.into_iter().map(|u| (coupon, u)));
-                continue;
-            };
-            let mut left = (total - stock.coupon_received_count).max(0);
-            let mut held = std::collections::HashSet::new();
-            for chunk in users.chunks(INSERT_CHUNK) {
-                let ph: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
-                let mut values: Vec<Value> = vec![coupon.into()];
-                values.extend(chunk.iter().map(|u| Value::from(*u)));
-                let rows = Holder::find_by_statement(stmt(
-                    &txn,
-                    &format!(
-                        "SELECT user_account_id FROM sales_promotion_coupon_item \
-                         WHERE coupon_id = $1 AND user_account_id IN ({})",
-                        ph.join(", ")
-                    ),
-                    values,
-                ))
-                .all(&txn)
-                .await?;
-                held.extend(rows.into_iter().map(|r| r.user_account_id));
+        for (coupon, mut new) in by_coupon {
+            if !add_to_count(&txn, coupon, new.len(), now, true).await? {
+                // Past the stock: keep what is left of it (by user order) and delete the rest.
+                let left = lock_and_read_left(&txn, coupon).await?;
+                new.sort_unstable_by_key(|it| it.user_id);
+                let over = new.split_off(left.min(new.len()));
+                delete_items(&txn, &over).await?;
+                out_of_stock.extend(over.iter().map(|it| (it.coupon_id, it.user_id)));
+                add_to_count(&txn, coupon, new.len(), now, false).await?;
             }
-            for u in users {
-                if held.contains(&u) {
-                    continue;
-                }
-                if left > 0 {
-                    left -= 1;
-                    keep.push((coupon, u));
-                } else {
-                    out_of_stock.push((coupon, u));
-                }
-            }
+            items.extend(new);
         }
-        let items = insert_items(&txn, &keep, now).await?;
-        bump_counts(&txn, &items, now, false).await?;
         let completed = record(&txn, batch, items.len(), now).await?;
         txn.commit().await?;
         Ok(Issued {
@@ -454,6 +377,90 @@ impl Store {
             completed,
         })
     }
+}
+
+/// Adds `k` new items to a coupon's count. With `guard`, a count that would pass the stock is
+/// not written and the result is false.
+async fn add_to_count(
+    txn: &DatabaseTransaction,
+    coupon: i64,
+    k: usize,
+    now: DateTime<Utc>,
+    guard: bool,
+) -> Result<bool, DbErr> {
+    if k == 0 {
+        return Ok(true);
+    }
+    let cond = if guard {
+        " AND (coupon_count IS NULL OR coupon_received_count + $1 <= coupon_count)"
+    } else {
+        ""
+    };
+    let r = txn
+        .execute(stmt(
+            txn,
+            &format!(
+                "UPDATE sales_promotion_coupon SET coupon_received_count = \
+                 coupon_received_count + $1, updated_at = $2 WHERE id = $3{cond}"
+            ),
+            vec![(k as i64).into(), now.into(), coupon.into()],
+        ))
+        .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Locks a coupon's row and returns how much of its stock is left (0 for a coupon that is
+/// gone; unlimited counts as no limit).
+async fn lock_and_read_left(txn: &DatabaseTransaction, coupon: i64) -> Result<usize, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Stock {
+        coupon_count: Option<i64>,
+        coupon_received_count: i64,
+    }
+    // A no-op write takes the row lock (PostgreSQL) or the write lock (SQLite); the read after
+    // it is stable until commit.
+    txn.execute(stmt(
+        txn,
+        "UPDATE sales_promotion_coupon SET coupon_received_count = coupon_received_count \
+         WHERE id = $1",
+        vec![coupon.into()],
+    ))
+    .await?;
+    let stock = Stock::find_by_statement(stmt(
+        txn,
+        "SELECT coupon_count, coupon_received_count FROM sales_promotion_coupon WHERE id = $1",
+        vec![coupon.into()],
+    ))
+    .one(txn)
+    .await?;
+    Ok(match stock {
+        None => 0,
+        Some(Stock {
+            coupon_count: None, ..
+        }) => usize::MAX,
+        Some(Stock {
+            coupon_count: Some(total),
+            coupon_received_count: issued,
+        }) => usize::try_from(total - issued).unwrap_or(0),
+    })
+}
+
+/// Deletes items this transaction inserted and cannot keep.
+async fn delete_items(txn: &DatabaseTransaction, items: &[IssuedItem]) -> Result<(), DbErr> {
+    for chunk in items.chunks(INSERT_CHUNK) {
+        let ph: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let values: Vec<Value> = chunk.iter().map(|it| Value::from(it.item_id)).collect();
+        txn.execute(stmt(
+            txn,
+            &format!(
+                "DELETE FROM sales_promotion_coupon_item WHERE id IN ({})",
+                ph.join(", ")
+            ),
+            values,
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 async fn insert_items(
@@ -503,41 +510,6 @@ async fn insert_items(
         }));
     }
     Ok(out)
-}
-
-/// Adds the new items to their coupons' counts, in coupon order. With `guard`, a count that
-/// would pass the stock is not written and the result is false (the caller rolls back).
-async fn bump_counts(
-    txn: &DatabaseTransaction,
-    items: &[IssuedItem],
-    now: DateTime<Utc>,
-    guard: bool,
-) -> Result<bool, DbErr> {
-    let mut counts: BTreeMap<i64, i64> = BTreeMap::new();
-    for it in items {
-        *counts.entry(it.coupon_id).or_default() += 1;
-    }
-    let cond = if guard {
-        " AND (coupon_count IS NULL OR coupon_received_count + $1 <= coupon_count)"
-    } else {
-        ""
-    };
-    for (coupon, k) in counts {
-        let r = txn
-            .execute(stmt(
-                txn,
-                &format!(
-                    "UPDATE sales_promotion_coupon SET coupon_received_count = \
-                     coupon_received_count + $1, updated_at = $2 WHERE id = $3{cond}"
-                ),
-                vec![k.into(), now.into(), coupon.into()],
-            ))
-            .await?;
-        if r.rows_affected() == 0 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// Records the eager campaign's push batch done, if any; returns the campaigns that made
