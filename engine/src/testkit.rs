@@ -3,7 +3,9 @@
 //! it received and injects failures.
 
 mod env;
+mod segment;
 mod webhook_sink;
 
 pub use env::{pg_admin_url, wait_until, TestEnv, MAX_NAME_LEN};
+pub use segment::gold_members;
 pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};

@@ -12,7 +12,7 @@ use herald_engine::{
         CouponStatusReply, CouponStatusRequest, CreateCouponReply, CreateCouponRequest, DeadLetter,
         ErrorCode, InformType, OrderCanceled, SegmentFilter, UserLogin,
     },
-    testkit::{wait_until, TestEnv},
+    testkit::{gold_members, wait_until, TestEnv},
     Engine,
 };
 use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
@@ -384,38 +384,15 @@ async fn segment_coupon_pushes_exactly_the_segment_and_checks_claims() {
     env.run_test(async {
         env.seed(5_000).await.unwrap();
         let (engine, ledger) = start(&env).await;
-        let segment = SegmentFilter {
-            member_levels: Some(vec![3, 4, 5]),
-            min_points: Some(1_000),
-            min_active_days: Some(30),
-        };
         let req = CreateCouponRequest {
-            segment: Some(segment),
+            segment: Some(gold_members()),
             ..coupon("come back", CouponDelivery::Segment)
         };
         let c = create(&env, &req).await.unwrap();
         let campaign = c.campaign_id.expect("a segment coupon has a push campaign");
         let s = env.wait_completed(campaign, LONG).await.unwrap();
 
-        #[derive(FromQueryResult)]
-        struct U {
-            id: i64,
-        }
-        let expected: Vec<i64> = U::find_by_statement(Statement::from_string(
-            env.db.get_database_backend(),
-            "SELECT a.id FROM membership_account a \
-             JOIN membership_point p ON p.account_id = a.id \
-             JOIN membership_filter f ON f.account_id = a.id \
-             WHERE a.is_deleted = false AND p.member_level IN (3, 4, 5) \
-             AND p.member_point >= 1000 AND f.active_days >= 30 ORDER BY a.id"
-                .to_string(),
-        ))
-        .all(&env.db)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|u| u.id)
-        .collect();
+        let expected = env.gold_member_ids().await.unwrap();
         assert!(
             !expected.is_empty() && expected.len() < 5_000,
             "a real segment"

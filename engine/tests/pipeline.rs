@@ -438,32 +438,11 @@ async fn segment_campaign_reaches_exactly_the_segment() {
         env.seed(5_000).await.unwrap();
         let (engine, ledger) = start_simulated(&env, 0).await;
         let mut req = promo("gold members");
-        req.audience = Audience::Segment(herald_engine::schemas::SegmentFilter {
-            member_levels: Some(vec![3, 4, 5]),
-            min_points: Some(1000),
-            min_active_days: Some(30),
-        });
+        req.audience = Audience::Segment(herald_engine::testkit::gold_members());
         let reply = env.create(&req).await.unwrap().unwrap();
         let s = env.wait_completed(reply.campaign_id, LONG).await.unwrap();
 
-        #[derive(FromQueryResult)]
-        struct Id {
-            id: i64,
-        }
-        let expected: Vec<i64> = Id::find_by_statement(Statement::from_string(
-            env.db.get_database_backend(),
-            "SELECT a.id FROM membership_account a \
-             JOIN membership_point p ON p.account_id = a.id \
-             JOIN membership_filter f ON f.account_id = a.id \
-             WHERE p.member_level IN (3, 4, 5) AND p.member_point >= 1000 AND f.active_days >= 30 \
-             ORDER BY a.id",
-        ))
-        .all(&env.db)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+        let expected = env.gold_member_ids().await.unwrap();
         assert!(
             expected.len() > 100 && expected.len() < 5_000,
             "a real subset: {}",
