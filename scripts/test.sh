@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs herald's whole test suite against real servers: makes sure NATS (JetStream), Redis
-# and PostgreSQL run (scripts/services.sh), then `cargo test --workspace --all-targets`.
+# and PostgreSQL run (scripts/services.sh) and that a nats-server binary is installed (the
+# NATS restart tests run one of their own), then `cargo test --workspace --all-targets`.
 # Extra arguments go to cargo test, e.g. `scripts/test.sh -p herald-nats` or
 # `scripts/test.sh -- --nocapture`. Exits non-zero when a test fails.
 set -euo pipefail
@@ -15,6 +16,9 @@ command -v cargo >/dev/null 2>&1 || { echo "test: error: cargo not found (instal
 
 start=$SECONDS
 scripts/services.sh
+# The NATS restart tests kill and start a nats-server of their own, so the binary must be
+# here even when the shared server on 4222 was not started from it.
+scripts/services.sh install nats
 services_done=$SECONDS
 echo "test: services ready in $((services_done - start))s" >&2
 

@@ -76,6 +76,12 @@ impl TestEnv {
     /// [`MAX_NAME_LEN`] of them (PostgreSQL would cut a longer name short). If a step after
     /// creating the database fails, the database is dropped again.
     pub async fn new(name: &str) -> anyhow::Result<Self> {
+        Self::new_on_nats(name, &Config::default().nats.url).await
+    }
+
+    /// As [`TestEnv::new`], with the engine and the test's client on the NATS server at
+    /// `nats_url` (a [`NatsServer`](super::NatsServer) of the test's own, say).
+    pub async fn new_on_nats(name: &str, nats_url: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !name.is_empty()
                 && name.len() <= MAX_NAME_LEN
@@ -107,7 +113,7 @@ impl TestEnv {
             ))
             .await?;
         admin.close().await?;
-        match Self::open(prefix, db_name.clone(), &admin_url).await {
+        match Self::open(prefix, db_name.clone(), &admin_url, nats_url).await {
             Ok(env) => Ok(env),
             Err(e) => {
                 if let Err(d) = drop_database(&db_name).await {
@@ -141,8 +147,14 @@ impl TestEnv {
     }
 
     /// The config, a migrated pool and a NATS connection for a database just created.
-    async fn open(prefix: String, db_name: String, admin_url: &str) -> anyhow::Result<Self> {
+    async fn open(
+        prefix: String,
+        db_name: String,
+        admin_url: &str,
+        nats_url: &str,
+    ) -> anyhow::Result<Self> {
         let mut config = Config::default();
+        config.nats.url = nats_url.into();
         config.nats.prefix = prefix.clone();
         // Keeps the admin URL's parameters (`?sslmode=disable`, say) for the test database.
         config.database.url = herald_migrations::with_database(admin_url, &db_name);
