@@ -122,7 +122,10 @@ impl Default for PipelineSettings {
                 ..stage.clone()
             },
             events: StageSettings {
-                concurrency: 4,
+                // Each batch holds a database connection for its transaction. 8 measured
+                // 20% more logins/s than 4 on a slow 2-core machine and the same on a fast
+                // one; 16 was slower on both (BENCHMARKS.md, sessions 2 and 11).
+                concurrency: 8,
                 max_ack_pending: 20_000,
                 ..stage
             },
