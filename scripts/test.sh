@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs herald's whole test suite against real servers: makes sure NATS (JetStream), Redis
-# and PostgreSQL run (scripts/services.sh) and that a nats-server binary is installed (the
-# NATS restart tests run one of their own), then `cargo test --workspace --all-targets`.
+# and PostgreSQL run (scripts/services.sh) and that the nats-server and PostgreSQL binaries
+# are installed (the restart tests run servers of their own), then
+# `cargo test --workspace --all-targets`.
 # Extra arguments go to cargo test, e.g. `scripts/test.sh -p herald-nats` or
 # `scripts/test.sh -- --nocapture`. Exits non-zero when a test fails.
 set -euo pipefail
@@ -16,9 +17,9 @@ command -v cargo >/dev/null 2>&1 || { echo "test: error: cargo not found (instal
 
 start=$SECONDS
 scripts/services.sh
-# The NATS restart tests kill and start a nats-server of their own, so the binary must be
-# here even when the shared server on 4222 was not started from it.
-scripts/services.sh install nats
+# The restart tests kill and start a nats-server and a PostgreSQL cluster of their own, so
+# the binaries must be here even when the shared servers were not started from them.
+scripts/services.sh install nats postgres
 services_done=$SECONDS
 echo "test: services ready in $((services_done - start))s" >&2
 

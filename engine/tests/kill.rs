@@ -8,11 +8,7 @@ use std::{
     time::Duration,
 };
 
-use chrono::{TimeZone, Utc};
-use herald_engine::{
-    schemas::{Audience, CampaignKind, CreateCampaignRequest, InformType},
-    testkit::{wait_until, SinkConfig, TestEnv, WebhookSink},
-};
+use herald_engine::testkit::{promotion, wait_until, SinkConfig, TestEnv, WebhookSink};
 
 /// A `herald serve` process, killed when dropped so a failing test leaves none behind.
 struct Node(Child);
@@ -64,17 +60,7 @@ async fn node_killed_mid_campaign_loses_no_user() {
         .unwrap();
 
         let mut first = spawn_node(&env, &sink.url());
-        let req = CreateCampaignRequest {
-            kind: CampaignKind::Promotion,
-            name: "killed".into(),
-            created_by: "ops-7".into(),
-            starts_at: Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap(),
-            ends_at: Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
-            inform_type: InformType::App,
-            title: "t".into(),
-            body: "b".into(),
-            audience: Audience::All,
-        };
+        let req = promotion("killed");
         let mut reply = None;
         for _ in 0..100 {
             match env.create(&req).await {

@@ -3,30 +3,20 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use chrono::{TimeZone, Utc};
 use herald_engine::{
     config::Config,
     providers::{Ledger, ProviderConfig, SimulatedConfig, SimulatedProvider},
-    schemas::{
-        decode, Audience, CampaignKind, CampaignState, CreateCampaignRequest, DeadLetter,
-        InformType,
-    },
-    testkit::{wait_until, SinkConfig, TestEnv, WebhookSink},
+    schemas::{decode, Audience, CampaignState, CreateCampaignRequest, DeadLetter},
+    testkit::{promotion, wait_until, SinkConfig, TestEnv, WebhookSink},
     Engine,
 };
 use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
 
 fn promo(name: &str) -> CreateCampaignRequest {
     CreateCampaignRequest {
-        kind: CampaignKind::Promotion,
-        name: name.into(),
-        created_by: "ops-7".into(),
-        starts_at: Utc.with_ymd_and_hms(2026, 11, 21, 0, 0, 0).unwrap(),
-        ends_at: Utc.with_ymd_and_hms(2026, 11, 28, 0, 0, 0).unwrap(),
-        inform_type: InformType::App,
         title: "Double 11 is on".into(),
         body: "Open the app for your deal".into(),
-        audience: Audience::All,
+        ..promotion(name)
     }
 }
 

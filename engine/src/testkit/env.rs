@@ -44,9 +44,9 @@ async fn connect_admin(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> 
 pub const MAX_NAME_LEN: usize = 30;
 
 /// Drops a test database; FORCE ends whatever connection is left.
-async fn drop_database(db_name: &str) -> Result<(), String> {
+async fn drop_database(admin_url: &str, db_name: &str) -> Result<(), String> {
     let drop = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-    let admin = connect_admin(&pg_admin_url())
+    let admin = connect_admin(admin_url)
         .await
         .map_err(|e| format!("connecting to drop database {db_name}: {e}"))?;
     let stmt = Statement::from_string(admin.get_database_backend(), drop);
@@ -68,6 +68,7 @@ pub struct TestEnv {
     /// A NATS client, as an outside API user would have.
     pub nats: async_nats::Client,
     db_name: String,
+    admin_url: String,
 }
 
 impl TestEnv {
@@ -82,6 +83,12 @@ impl TestEnv {
     /// As [`TestEnv::new`], with the engine and the test's client on the NATS server at
     /// `nats_url` (a [`NatsServer`](super::NatsServer) of the test's own, say).
     pub async fn new_on_nats(name: &str, nats_url: &str) -> anyhow::Result<Self> {
+        Self::new_on(name, nats_url, &pg_admin_url()).await
+    }
+
+    /// As [`TestEnv::new`], on the NATS server at `nats_url` and with its database made
+    /// through `admin_url` (a [`PgServer`](super::PgServer) of the test's own, say).
+    pub async fn new_on(name: &str, nats_url: &str, admin_url: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !name.is_empty()
                 && name.len() <= MAX_NAME_LEN
@@ -102,8 +109,7 @@ impl TestEnv {
         // Letters between the numbers, so no two (pid, n, nanos) give one prefix.
         let prefix = format!("t{}p{}n{}", std::process::id(), n, nanos % 100_000);
         let db_name = format!("herald_{name}_{prefix}").to_ascii_lowercase();
-        let admin_url = pg_admin_url();
-        let admin = connect_admin(&admin_url)
+        let admin = connect_admin(admin_url)
             .await
             .with_context(|| format!("connecting to {admin_url}"))?;
         admin
@@ -113,10 +119,10 @@ impl TestEnv {
             ))
             .await?;
         admin.close().await?;
-        match Self::open(prefix, db_name.clone(), &admin_url, nats_url).await {
+        match Self::open(prefix, db_name.clone(), admin_url, nats_url).await {
             Ok(env) => Ok(env),
             Err(e) => {
-                if let Err(d) = drop_database(&db_name).await {
+                if let Err(d) = drop_database(admin_url, &db_name).await {
                     eprintln!("{d}");
                 }
                 Err(e)
@@ -175,6 +181,7 @@ impl TestEnv {
             db,
             nats,
             db_name,
+            admin_url: admin_url.to_string(),
         })
     }
 
@@ -336,7 +343,7 @@ impl TestEnv {
         }
         // Our own pool first; FORCE ends whatever connection is left.
         let _ = self.db.clone().close().await;
-        if let Err(e) = drop_database(&self.db_name).await {
+        if let Err(e) = drop_database(&self.admin_url, &self.db_name).await {
             failed.push(e);
         }
         if failed.is_empty() {

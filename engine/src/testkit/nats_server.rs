@@ -3,14 +3,14 @@
 //! must not be restarted by a test: other tests and other users run on it.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context};
-use tokio::net::TcpStream;
+use anyhow::Context;
+
+use super::server_process::{port_and_dir, wait_listening};
 
 /// How long a started server gets to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -27,11 +27,7 @@ impl NatsServer {
     /// Starts a server on a free port of 127.0.0.1, with JetStream storing under a new
     /// directory in the system's temp dir.
     pub async fn start() -> anyhow::Result<Self> {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-            .local_addr()?
-            .port();
-        let dir = std::env::temp_dir().join(format!("herald-nats-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (port, dir) = port_and_dir("nats")?;
         let mut server = Self {
             port,
             dir,
@@ -78,28 +74,12 @@ impl NatsServer {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         self.child = Some(child);
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let started = Instant::now();
-        while started.elapsed() < START_TIMEOUT {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!(
-                        "nats-server on port {} exited at start: {status}",
-                        self.port
-                    );
-                }
-            }
-            if TcpStream::connect(addr).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let listening =
+            wait_listening("nats-server", &mut self.child, self.port, START_TIMEOUT).await;
+        if listening.is_err() {
+            self.kill();
         }
-        self.kill();
-        bail!(
-            "nats-server on port {} did not listen within {START_TIMEOUT:?}",
-            self.port
-        )
+        listening
     }
 }
 

@@ -1,0 +1,165 @@
+//! [`PgServer`]: a PostgreSQL cluster of a test's own, on a free loopback port in a directory
+//! of its own, that the test can crash and start again. The shared server on 5432 must not be
+//! restarted by a test.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context};
+
+use super::server_process::{port_and_dir, wait_listening};
+
+/// How long a started server gets to accept connections (crash recovery included).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// PostgreSQL refuses to run as root; as root, the cluster belongs to this user.
+const RUN_AS: &str = "postgres";
+
+/// A private PostgreSQL cluster (`initdb` at start, trust auth, user `postgres`). Dropping it
+/// stops the server and removes its directory, so a failing test leaves neither behind.
+pub struct PgServer {
+    port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl PgServer {
+    /// Makes a new cluster under the system's temp dir and starts it on a free port of
+    /// 127.0.0.1.
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = find_bin_dir().context(
+            "no PostgreSQL server under /usr/lib/postgresql/*/bin; scripts/services.sh installs it",
+        )?;
+        let (port, dir) = port_and_dir("pg")?;
+        let mut server = Self {
+            port,
+            dir,
+            bin,
+            child: None,
+        };
+        if is_root() {
+            let owned = Command::new("chown")
+                .arg(format!("{RUN_AS}:{RUN_AS}"))
+                .arg(&server.dir)
+                .status()
+                .context("chown")?;
+            ensure!(
+                owned.success(),
+                "chown {RUN_AS} {}: {owned}",
+                server.dir.display()
+            );
+        }
+        let data = server.dir.join("data");
+        let out = server
+            .command("initdb")
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .output()
+            .context("running initdb")?;
+        ensure!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// The admin URL (database `postgres`), without TLS.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Crashes the server: an immediate shutdown (SIGQUIT), which ends every backend at once
+    /// with no checkpoint, so the next start runs crash recovery.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again (crashing it first if it runs) on the same port and data, and
+    /// waits until it accepts connections.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.crash();
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir)
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting postgres")?;
+        self.child = Some(child);
+        let listening = wait_listening("postgres", &mut self.child, self.port, START_TIMEOUT).await;
+        if listening.is_err() {
+            self.crash();
+        }
+        listening
+    }
+
+    /// `program` from the server's bin dir, as [`RUN_AS`] when this process is root.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if is_root() {
+            // setpriv execs the program itself, so the child's pid is the server's.
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={RUN_AS}"),
+                &format!("--regid={RUN_AS}"),
+                "--init-groups",
+                "--",
+            ])
+            .arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that has `postgres` and `initdb`.
+fn find_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            has_server(&bin).then_some((version, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, bin)| bin)
+}
+
+fn has_server(bin: &Path) -> bool {
+    bin.join("postgres").is_file() && bin.join("initdb").is_file()
+}
