@@ -11,7 +11,7 @@ use std::{
 use herald_engine::{
     config::Config,
     providers::{SimulatedConfig, SimulatedProvider},
-    testkit::{promotion, wait_until, NatsServer, PgServer, TestEnv},
+    testkit::{pg_admin_url, promotion, wait_until, NatsServer, PgServer, TestEnv},
     Engine,
 };
 
@@ -80,7 +80,9 @@ async fn survives(env: &TestEnv, outage: impl AsyncFnOnce()) {
 /// nats-server killed, then started again after `down`.
 async fn nats_down_for(name: &str, down: Duration) {
     let mut nats = NatsServer::start().await.unwrap();
-    let env = TestEnv::new_on_nats(name, &nats.url()).await.unwrap();
+    let env = TestEnv::new_on(name, &nats.url(), &pg_admin_url())
+        .await
+        .unwrap();
     survives(&env, async || {
         nats.kill();
         tokio::time::sleep(down).await;

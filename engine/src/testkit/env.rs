@@ -77,17 +77,13 @@ impl TestEnv {
     /// [`MAX_NAME_LEN`] of them (PostgreSQL would cut a longer name short). If a step after
     /// creating the database fails, the database is dropped again.
     pub async fn new(name: &str) -> anyhow::Result<Self> {
-        Self::new_on_nats(name, &Config::default().nats.url).await
+        Self::new_on(name, &Config::default().nats.url, &pg_admin_url()).await
     }
 
     /// As [`TestEnv::new`], with the engine and the test's client on the NATS server at
-    /// `nats_url` (a [`NatsServer`](super::NatsServer) of the test's own, say).
-    pub async fn new_on_nats(name: &str, nats_url: &str) -> anyhow::Result<Self> {
-        Self::new_on(name, nats_url, &pg_admin_url()).await
-    }
-
-    /// As [`TestEnv::new`], on the NATS server at `nats_url` and with its database made
-    /// through `admin_url` (a [`PgServer`](super::PgServer) of the test's own, say).
+    /// `nats_url` and the database made through `admin_url` (a
+    /// [`NatsServer`](super::NatsServer) or [`PgServer`](super::PgServer) of the test's own,
+    /// say; [`pg_admin_url`] for the shared one).
     pub async fn new_on(name: &str, nats_url: &str, admin_url: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !name.is_empty()

@@ -23,6 +23,8 @@ pub struct PgServer {
     port: u16,
     dir: PathBuf,
     bin: PathBuf,
+    /// Whether this process is root, so the server runs as [`RUN_AS`].
+    as_root: bool,
     child: Option<Child>,
 }
 
@@ -38,9 +40,10 @@ impl PgServer {
             port,
             dir,
             bin,
+            as_root: is_root(),
             child: None,
         };
-        if is_root() {
+        if server.as_root {
             let owned = Command::new("chown")
                 .arg(format!("{RUN_AS}:{RUN_AS}"))
                 .arg(&server.dir)
@@ -114,7 +117,7 @@ impl PgServer {
     /// `program` from the server's bin dir, as [`RUN_AS`] when this process is root.
     fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
-        if is_root() {
+        if self.as_root {
             // setpriv execs the program itself, so the child's pid is the server's.
             let mut c = Command::new("setpriv");
             c.args([
