@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs herald's whole test suite against real servers: makes sure NATS (JetStream), Redis
-# and PostgreSQL run (scripts/services.sh) and that the nats-server and PostgreSQL binaries
-# are installed (the restart tests run servers of their own), then
+# and PostgreSQL run (scripts/services.sh) and that the nats-server, PostgreSQL and Redis
+# binaries are installed (the restart tests run servers of their own), then
 # `cargo test --workspace --all-targets`.
 # Extra arguments go to cargo test, e.g. `scripts/test.sh -p herald-nats` or
 # `scripts/test.sh -- --nocapture`. Exits non-zero when a test fails.
@@ -17,9 +17,10 @@ command -v cargo >/dev/null 2>&1 || { echo "test: error: cargo not found (instal
 
 start=$SECONDS
 scripts/services.sh
-# The restart tests kill and start a nats-server and a PostgreSQL cluster of their own, so
-# the binaries must be here even when the shared servers were not started from them.
-scripts/services.sh install nats postgres
+# The restart tests kill and start a nats-server, a PostgreSQL cluster and a redis-server of
+# their own, so the binaries must be here even when the shared servers were not started
+# from them.
+scripts/services.sh install nats postgres redis
 services_done=$SECONDS
 echo "test: services ready in $((services_done - start))s" >&2
 

@@ -1,19 +1,22 @@
 //! Test helpers that run real servers in-process, for integration tests, demos and the
 //! benchmark. [`WebhookSink`] is an HTTP endpoint for the webhook provider that counts what
-//! it received and injects failures. [`NatsServer`] and [`PgServer`] are a nats-server and a
-//! PostgreSQL cluster of a test's own, to kill and start again.
+//! it received and injects failures. [`NatsServer`], [`PgServer`] and [`RedisServer`] are a
+//! nats-server, a PostgreSQL cluster and a redis-server of a test's own, to kill and start
+//! again.
 
 mod env;
 mod nats_server;
 mod pg_server;
+mod redis_server;
 mod requests;
 mod segment;
 mod server_process;
 mod webhook_sink;
 
-pub use env::{pg_admin_url, wait_until, TestEnv, MAX_NAME_LEN};
+pub use env::{pg_admin_url, wait_until, Servers, TestEnv, MAX_NAME_LEN};
 pub use nats_server::NatsServer;
 pub use pg_server::PgServer;
+pub use redis_server::RedisServer;
 pub use requests::promotion;
 pub use segment::gold_members;
 pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};

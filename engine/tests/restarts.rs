@@ -1,7 +1,10 @@
-//! A server killed mid-campaign and started again on the same port and data: nats-server
-//! (SIGKILL), and PostgreSQL (an immediate shutdown, so the next start runs crash recovery).
-//! The node reconnects, its stages go on, and every user gets exactly one push. The servers
-//! are the tests' own ([`NatsServer`], [`PgServer`]), never the shared ones.
+//! A server killed mid-campaign and started again: nats-server (SIGKILL, same port and
+//! store), PostgreSQL (an immediate shutdown, so the next start runs crash recovery) and
+//! redis-server (SIGKILL; it keeps nothing on disk, so it comes back empty). The node
+//! reconnects, its stages go on, and every user gets a push: exactly one after a NATS or
+//! PostgreSQL outage; after Redis lost its markers, the batches in flight may be sent again,
+//! and no more. The servers are the tests' own ([`NatsServer`], [`PgServer`],
+//! [`RedisServer`]), never the shared ones.
 
 use std::{
     sync::Arc,
@@ -9,18 +12,21 @@ use std::{
 };
 
 use herald_engine::{
-    config::Config,
     providers::{SimulatedConfig, SimulatedProvider},
-    testkit::{pg_admin_url, promotion, wait_until, NatsServer, PgServer, TestEnv},
+    testkit::{promotion, wait_until, NatsServer, PgServer, RedisServer, Servers, TestEnv},
     Engine,
 };
 
 const USERS: i64 = 20_000;
+/// Push batches in flight on the node.
+const PUSH_CONCURRENCY: usize = 4;
+/// Most users a push batch carries.
+const BATCH: u64 = 100;
 
 /// Runs a 20,000-user campaign on `env`, calls `outage` (which takes a server down and
 /// brings it back) once 2,000 users are pushed, and checks the campaign completes with
-/// every user pushed exactly once.
-async fn survives(env: &TestEnv, outage: impl AsyncFnOnce()) {
+/// every user pushed, at most `repeats` of them twice.
+async fn survives(env: &TestEnv, repeats: u64, outage: impl AsyncFnOnce()) {
     env.run_test(async {
         env.seed(USERS).await.unwrap();
         // 4 batches of 100 in flight at 100 ms: about 4,000 users/s, so the campaign is
@@ -32,7 +38,7 @@ async fn survives(env: &TestEnv, outage: impl AsyncFnOnce()) {
         }));
         let ledger = provider.ledger();
         let mut config = env.config.clone();
-        config.pipeline.push.concurrency = 4;
+        config.pipeline.push.concurrency = PUSH_CONCURRENCY;
         let engine = Engine::builder(config)
             .provider_for_all(provider)
             .start()
@@ -63,13 +69,18 @@ async fn survives(env: &TestEnv, outage: impl AsyncFnOnce()) {
             .await
             .unwrap();
         eprintln!(
-            "{}: down at {at_outage} pushed, {at_back} when back; completed {:.1} s after",
+            "{}: down at {at_outage} pushed, {at_back} when back; completed {:.1} s after, {} repeated",
             env.db_name(),
-            back.elapsed().as_secs_f64()
+            back.elapsed().as_secs_f64(),
+            ledger.duplicates()
         );
-        assert_eq!(ledger.duplicates(), 0, "no user got two pushes");
+        assert!(
+            ledger.duplicates() <= repeats,
+            "at most {repeats} users got two pushes: {}",
+            ledger.duplicates()
+        );
         assert!(ledger.missing(reply.campaign_id, 1..=USERS).is_empty());
-        assert_eq!(ledger.total(), USERS as u64);
+        assert_eq!(ledger.distinct(), USERS as u64);
         assert_eq!((s.sent, s.skipped, s.failed), (USERS, 0, 0));
         engine.shutdown().await.unwrap();
     })
@@ -80,10 +91,12 @@ async fn survives(env: &TestEnv, outage: impl AsyncFnOnce()) {
 /// nats-server killed, then started again after `down`.
 async fn nats_down_for(name: &str, down: Duration) {
     let mut nats = NatsServer::start().await.unwrap();
-    let env = TestEnv::new_on(name, &nats.url(), &pg_admin_url())
-        .await
-        .unwrap();
-    survives(&env, async || {
+    let servers = Servers {
+        nats: nats.url(),
+        ..Servers::default()
+    };
+    let env = TestEnv::new_on(name, &servers).await.unwrap();
+    survives(&env, 0, async || {
         nats.kill();
         tokio::time::sleep(down).await;
         nats.restart().await.unwrap();
@@ -94,13 +107,32 @@ async fn nats_down_for(name: &str, down: Duration) {
 /// PostgreSQL crashed, then started again after `down`.
 async fn postgres_down_for(name: &str, down: Duration) {
     let mut pg = PgServer::start().await.unwrap();
-    let env = TestEnv::new_on(name, &Config::default().nats.url, &pg.url())
-        .await
-        .unwrap();
-    survives(&env, async || {
+    let servers = Servers {
+        pg_admin: pg.url(),
+        ..Servers::default()
+    };
+    let env = TestEnv::new_on(name, &servers).await.unwrap();
+    survives(&env, 0, async || {
         pg.crash();
         tokio::time::sleep(down).await;
         pg.restart().await.unwrap();
+    })
+    .await;
+}
+
+/// redis-server killed, then started again, empty, after `down`.
+async fn redis_down_for(name: &str, down: Duration) {
+    let mut redis = RedisServer::start().await.unwrap();
+    let servers = Servers {
+        redis: redis.url(),
+        ..Servers::default()
+    };
+    let env = TestEnv::new_on(name, &servers).await.unwrap();
+    // The markers of the batches in flight are gone: those batches may be sent again.
+    survives(&env, PUSH_CONCURRENCY as u64 * BATCH, async || {
+        redis.kill();
+        tokio::time::sleep(down).await;
+        redis.restart().await.unwrap();
     })
     .await;
 }
@@ -127,4 +159,16 @@ async fn postgres_crashed_mid_campaign_loses_no_user() {
 async fn postgres_down_past_the_in_place_retries_loses_no_user() {
     // Longer than those retries, and than the tests' 5 s ack wait.
     postgres_down_for("pgdown", Duration::from_secs(6)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_mid_campaign_loses_no_user() {
+    redis_down_for("redisrestart", Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_past_the_in_place_retries_loses_no_user() {
+    // Longer than the push sender's in-place retries of a batch's settling (about 3 s) and
+    // than the tests' 5 s ack wait.
+    redis_down_for("redisdown", Duration::from_secs(6)).await;
 }

@@ -57,6 +57,30 @@ async fn drop_database(admin_url: &str, db_name: &str) -> Result<(), String> {
         .map_err(|e| format!("dropping database {db_name}: {e}"))
 }
 
+/// The servers an environment runs on.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    /// NATS URL.
+    pub nats: String,
+    /// A PostgreSQL URL whose user may create databases; the environment's own database is
+    /// made through it and dropped again.
+    pub pg_admin: String,
+    /// Redis URL.
+    pub redis: String,
+}
+
+impl Default for Servers {
+    /// The shared servers of this machine (the engine's defaults, [`pg_admin_url`]).
+    fn default() -> Self {
+        let config = Config::default();
+        Self {
+            nats: config.nats.url,
+            pg_admin: pg_admin_url(),
+            redis: config.redis.url,
+        }
+    }
+}
+
 /// One isolated environment.
 pub struct TestEnv {
     /// Subject, stream and Redis key prefix.
@@ -77,14 +101,14 @@ impl TestEnv {
     /// [`MAX_NAME_LEN`] of them (PostgreSQL would cut a longer name short). If a step after
     /// creating the database fails, the database is dropped again.
     pub async fn new(name: &str) -> anyhow::Result<Self> {
-        Self::new_on(name, &Config::default().nats.url, &pg_admin_url()).await
+        Self::new_on(name, &Servers::default()).await
     }
 
-    /// As [`TestEnv::new`], with the engine and the test's client on the NATS server at
-    /// `nats_url` and the database made through `admin_url` (a
-    /// [`NatsServer`](super::NatsServer) or [`PgServer`](super::PgServer) of the test's own,
-    /// say; [`pg_admin_url`] for the shared one).
-    pub async fn new_on(name: &str, nats_url: &str, admin_url: &str) -> anyhow::Result<Self> {
+    /// As [`TestEnv::new`], on `servers`: a [`NatsServer`](super::NatsServer),
+    /// [`PgServer`](super::PgServer) or [`RedisServer`](super::RedisServer) of the test's own,
+    /// say, where the shared ones are the default.
+    pub async fn new_on(name: &str, servers: &Servers) -> anyhow::Result<Self> {
+        let admin_url = &servers.pg_admin;
         anyhow::ensure!(
             !name.is_empty()
                 && name.len() <= MAX_NAME_LEN
@@ -115,7 +139,7 @@ impl TestEnv {
             ))
             .await?;
         admin.close().await?;
-        match Self::open(prefix, db_name.clone(), admin_url, nats_url).await {
+        match Self::open(prefix, db_name.clone(), servers).await {
             Ok(env) => Ok(env),
             Err(e) => {
                 if let Err(d) = drop_database(admin_url, &db_name).await {
@@ -149,14 +173,11 @@ impl TestEnv {
     }
 
     /// The config, a migrated pool and a NATS connection for a database just created.
-    async fn open(
-        prefix: String,
-        db_name: String,
-        admin_url: &str,
-        nats_url: &str,
-    ) -> anyhow::Result<Self> {
+    async fn open(prefix: String, db_name: String, servers: &Servers) -> anyhow::Result<Self> {
+        let admin_url = &servers.pg_admin;
         let mut config = Config::default();
-        config.nats.url = nats_url.into();
+        config.nats.url = servers.nats.clone();
+        config.redis.url = servers.redis.clone();
         config.nats.prefix = prefix.clone();
         // Keeps the admin URL's parameters (`?sslmode=disable`, say) for the test database.
         config.database.url = herald_migrations::with_database(admin_url, &db_name);

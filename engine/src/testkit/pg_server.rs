@@ -4,13 +4,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use anyhow::{ensure, Context};
 
-use super::server_process::{port_and_dir, wait_listening};
+use super::server_process::ServerProcess;
 
 /// How long a started server gets to accept connections (crash recovery included).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,12 +20,10 @@ const RUN_AS: &str = "postgres";
 /// A private PostgreSQL cluster (`initdb` at start, trust auth, user `postgres`). Dropping it
 /// stops the server and removes its directory, so a failing test leaves neither behind.
 pub struct PgServer {
-    port: u16,
-    dir: PathBuf,
+    process: ServerProcess,
     bin: PathBuf,
     /// Whether this process is root, so the server runs as [`RUN_AS`].
     as_root: bool,
-    child: Option<Child>,
 }
 
 impl PgServer {
@@ -35,27 +33,24 @@ impl PgServer {
         let bin = find_bin_dir().context(
             "no PostgreSQL server under /usr/lib/postgresql/*/bin; scripts/services.sh installs it",
         )?;
-        let (port, dir) = port_and_dir("pg")?;
         let mut server = Self {
-            port,
-            dir,
+            process: ServerProcess::new("pg", "-QUIT")?,
             bin,
             as_root: is_root(),
-            child: None,
         };
         if server.as_root {
             let owned = Command::new("chown")
                 .arg(format!("{RUN_AS}:{RUN_AS}"))
-                .arg(&server.dir)
+                .arg(server.process.dir())
                 .status()
                 .context("chown")?;
             ensure!(
                 owned.success(),
                 "chown {RUN_AS} {}: {owned}",
-                server.dir.display()
+                server.process.dir().display()
             );
         }
-        let data = server.dir.join("data");
+        let data = server.process.dir().join("data");
         let out = server
             .command("initdb")
             .args(["-A", "trust", "-U", "postgres", "-D"])
@@ -75,43 +70,28 @@ impl PgServer {
     pub fn url(&self) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
+            self.process.port()
         )
     }
 
     /// Crashes the server: an immediate shutdown (SIGQUIT), which ends every backend at once
     /// with no checkpoint, so the next start runs crash recovery.
     pub fn crash(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-QUIT", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
+        self.process.crash();
     }
 
     /// Starts the server again (crashing it first if it runs) on the same port and data, and
     /// waits until it accepts connections.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.crash();
-        let child = self
-            .command("postgres")
+        let dir = self.process.dir();
+        let mut command = self.command("postgres");
+        command
             .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-p", &self.port.to_string(), "-k"])
-            .arg(&self.dir)
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting postgres")?;
-        self.child = Some(child);
-        let listening = wait_listening("postgres", &mut self.child, self.port, START_TIMEOUT).await;
-        if listening.is_err() {
-            self.crash();
-        }
-        listening
+            .arg(dir.join("data"))
+            .args(["-p", &self.process.port().to_string(), "-k"])
+            .arg(dir)
+            .args(["-c", "listen_addresses=127.0.0.1"]);
+        self.process.start(command, START_TIMEOUT).await
     }
 
     /// `program` from the server's bin dir, as [`RUN_AS`] when this process is root.
@@ -131,13 +111,6 @@ impl PgServer {
         } else {
             Command::new(path)
         }
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        self.crash();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,48 +1,124 @@
-//! What [`NatsServer`](super::NatsServer) and [`PgServer`](super::PgServer) share: a free
-//! loopback port, a directory of their own, and waiting for a started server to listen.
+//! What [`NatsServer`](super::NatsServer), [`PgServer`](super::PgServer) and
+//! [`RedisServer`](super::RedisServer) share: a process on a free loopback port with a
+//! directory of its own, started and waited for until it listens, stopped with the signal
+//! that server takes as a crash, and removed with its directory when dropped.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
-    path::PathBuf,
-    process::Child,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
 use tokio::net::TcpStream;
 
-/// A port of 127.0.0.1 free right now, and a new directory under the system's temp dir
-/// named after `what`, this process and the port.
-pub(super) fn port_and_dir(what: &str) -> anyhow::Result<(u16, PathBuf)> {
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port();
-    let dir = std::env::temp_dir().join(format!("herald-{what}-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok((port, dir))
+/// A server process of a test's own.
+pub(super) struct ServerProcess {
+    what: &'static str,
+    /// The `kill` option that crashes it: `-KILL`, or `-QUIT` for PostgreSQL, whose
+    /// backends a SIGKILL of the postmaster would leave running.
+    crash_signal: &'static str,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
 }
 
-/// Waits until something accepts connections on `port`, or fails when `child` exits first
-/// (clearing it) or `timeout` passes.
-pub(super) async fn wait_listening(
-    what: &str,
-    child: &mut Option<Child>,
-    port: u16,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if let Some(c) = child.as_mut() {
-            if let Some(status) = c.try_wait()? {
-                *child = None;
-                bail!("{what} on port {port} exited at start: {status}");
-            }
-        }
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+impl ServerProcess {
+    /// Picks a port of 127.0.0.1 free right now and makes a new directory under the system's
+    /// temp dir named after `what`, this process and the port. Nothing runs yet.
+    pub(super) fn new(what: &'static str, crash_signal: &'static str) -> anyhow::Result<Self> {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(format!("herald-{what}-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            what,
+            crash_signal,
+            port,
+            dir,
+            child: None,
+        })
     }
-    bail!("{what} on port {port} did not listen within {timeout:?}")
+
+    pub(super) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sends the crash signal, if the server runs, and waits for it to exit.
+    pub(super) fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args([self.crash_signal, &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Crashes the server if it runs, starts `command` (its output discarded) and waits until
+    /// it accepts connections on the port; on failure it is crashed again.
+    pub(super) async fn start(
+        &mut self,
+        mut command: Command,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        self.crash();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", self.what))?;
+        self.child = Some(child);
+        let listening = self.wait_listening(timeout).await;
+        if listening.is_err() {
+            self.crash();
+        }
+        listening
+    }
+
+    /// Waits until something accepts connections on the port, or fails when the child exits
+    /// first or `timeout` passes.
+    async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let (what, port) = (self.what, self.port);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait()? {
+                    self.child = None;
+                    bail!("{what} on port {port} exited at start: {status}");
+                }
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("{what} on port {port} did not listen within {timeout:?}")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `name` on PATH, or where Debian puts server binaries (`/usr/sbin` is not on a user's PATH).
+pub(super) fn find_bin(name: &str) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
