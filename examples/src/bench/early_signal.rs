@@ -1,7 +1,9 @@
 //! SIGINT and SIGTERM, listened for from the bench's first line. Until a handler is
 //! registered, either signal ends the process at once, and one that came while an
 //! environment was being made (its database created, its migrations running) left that
-//! database behind: `run_and_cleanup` only watches for signals once the work starts.
+//! database behind: `run_and_cleanup` only watches for signals once the work starts, and one
+//! that came between the environment's check and that start went to these handlers only.
+//! So the work runs under both ([`EarlySignals::run`]).
 
 use futures::FutureExt;
 use herald_engine::testkit::TestEnv;
@@ -25,9 +27,40 @@ impl EarlySignals {
 
     /// Whether either signal came since the last call (or since registering).
     fn arrived(&mut self) -> bool {
-        let interrupt = self.interrupt.recv().now_or_never().is_some();
-        let terminate = self.terminate.recv().now_or_never().is_some();
-        interrupt || terminate
+        self.next().now_or_never().is_some()
+    }
+
+    /// The next signal of either kind (one already buffered counts).
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+
+    /// `env.run_and_cleanup(work)`, with the work also ended by a signal these handlers
+    /// got: the environment is removed either way.
+    pub async fn run<T>(
+        &mut self,
+        env: &TestEnv,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let mut interrupted = false;
+        let ran = env
+            .run_and_cleanup(async {
+                tokio::select! {
+                    done = work => done,
+                    _ = self.next() => {
+                        interrupted = true;
+                        anyhow::bail!("interrupted")
+                    }
+                }
+            })
+            .await;
+        if interrupted {
+            anyhow::bail!("interrupted; database {} removed", env.db_name());
+        }
+        ran
     }
 
     /// Makes an environment; if a signal came meanwhile, removes it again and fails.

@@ -276,7 +276,11 @@ async fn logins(
 ) -> anyhow::Result<logins::LoginsResult> {
     let env = signals.new_env("logins").await?;
     let config = bench_config(&env, args);
-    env.run_and_cleanup(logins::run(&env, config, args.logins, args.login_users))
+    signals
+        .run(
+            &env,
+            logins::run(&env, config, args.logins, args.login_users),
+        )
         .await
 }
 
@@ -303,9 +307,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let env = signals.new_env("bench").await?;
     if args.only_create {
-        return env.run_and_cleanup(only_create(&env, &args)).await;
+        return signals.run(&env, only_create(&env, &args)).await;
     }
-    let measured = env.run_and_cleanup(measure(&env, &args)).await?;
+    let measured = signals.run(&env, measure(&env, &args)).await?;
     let login = if args.skip_logins {
         Ok(None)
     } else {
