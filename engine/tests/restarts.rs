@@ -3,7 +3,8 @@
 //! redis-server (SIGKILL; it keeps nothing on disk, so it comes back empty). The node
 //! reconnects, its stages go on, and every user gets a push: exactly one after a NATS or
 //! PostgreSQL outage; after Redis lost its markers, the batches in flight may be sent again,
-//! and no more. The servers are the tests' own ([`NatsServer`], [`PgServer`],
+//! and no more. While Redis is down, a create gets a clear error rather than waiting, and
+//! works once Redis is back. The servers are the tests' own ([`NatsServer`], [`PgServer`],
 //! [`RedisServer`]), never the shared ones.
 
 use std::{
@@ -13,6 +14,7 @@ use std::{
 
 use herald_engine::{
     providers::{SimulatedConfig, SimulatedProvider},
+    schemas::ErrorCode,
     testkit::{promotion, wait_until, NatsServer, PgServer, RedisServer, Servers, TestEnv},
     Engine,
 };
@@ -171,4 +173,73 @@ async fn redis_down_past_the_in_place_retries_loses_no_user() {
     // Longer than the push sender's in-place retries of a batch's settling (about 3 s) and
     // than the tests' 5 s ack wait.
     redis_down_for("redisdown", Duration::from_secs(6)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_while_redis_is_down_is_refused_and_goes_through_once_it_is_back() {
+    let mut redis = RedisServer::start().await.unwrap();
+    let servers = Servers {
+        redis: redis.url(),
+        ..Servers::default()
+    };
+    let env = TestEnv::new_on("redisapi", &servers).await.unwrap();
+    env.run_test(async {
+        env.seed(100).await.unwrap();
+        let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
+            latency_ms: 0,
+            failure_rate: 0.0,
+            permanent_failure_rate: 0.0,
+        }));
+        let ledger = provider.ledger();
+        let mut config = env.config.clone();
+        config.redis.command_timeout_ms = 1_000;
+        let engine = Engine::builder(config)
+            .provider_for_all(provider)
+            .start()
+            .await
+            .unwrap();
+        let request = promotion("while redis is down");
+
+        redis.kill();
+        let asked = Instant::now();
+        let refused = env
+            .create(&request)
+            .await
+            .expect("an answer within the request's 10 s")
+            .expect_err("no create without the dedupe lock");
+        eprintln!(
+            "refused after {:.1} s: {}",
+            asked.elapsed().as_secs_f64(),
+            refused.message
+        );
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        assert!(refused.message.contains("redis"), "{}", refused.message);
+
+        redis.restart().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let created = loop {
+            match env.create(&request).await.unwrap() {
+                Ok(reply) => break reply,
+                Err(e) if Instant::now() < deadline => {
+                    assert_eq!(e.code, ErrorCode::Unavailable, "{}", e.message);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("creates go through once Redis is back: {}", e.message),
+            }
+        };
+        assert!(!created.duplicate, "the refused create left nothing behind");
+        let again = env.create(&request).await.unwrap().unwrap();
+        assert_eq!(
+            (again.campaign_id, again.duplicate),
+            (created.campaign_id, true)
+        );
+        env.wait_completed(created.campaign_id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(ledger.distinct(), 100);
+        assert_eq!(ledger.duplicates(), 0);
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
 }

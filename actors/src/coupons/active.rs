@@ -123,13 +123,14 @@ return 1
 "#;
 
 // ARGV: prefix, mode ('sync' or 'add'), grace ms, then (id, start, end, total, issued) per
-// coupon. 'add' does nothing until the list is loaded (the load will include the coupon).
-// A sync into an empty Redis takes `issued` from the database; otherwise the live counter,
+// coupon. Only a sync marks the list loaded. An 'add' to a list not loaded yet still writes
+// its coupon: a load may have read the database before the coupon was committed and write
+// its list after this add, and without it the coupon would miss every login until the next
+// sync. Into a list not loaded `issued` is the database's; otherwise the live counter,
 // which includes claims confirmed since the database was read, is kept.
 const SYNC: &str = r#"
 local p, mode, grace = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local loaded = redis.call('EXISTS', p .. ':cp:loaded') == 1
-if mode == 'add' and not loaded then return 0 end
 for i = 4, #ARGV, 5 do
   local base = p .. ':cp:' .. ARGV[i]
   redis.call('ZADD', p .. ':cp:active', ARGV[i + 2], ARGV[i])
@@ -141,7 +142,7 @@ for i = 4, #ARGV, 5 do
   end
   redis.call('PEXPIREAT', base, tonumber(ARGV[i + 2]) + grace)
 end
-redis.call('SET', p .. ':cp:loaded', '1')
+if mode == 'sync' then redis.call('SET', p .. ':cp:loaded', '1') end
 return 1
 "#;
 
@@ -249,7 +250,7 @@ impl ActiveCoupons {
         self.write("sync", coupons).await
     }
 
-    /// Adds a new coupon, unless the list is not loaded yet (its load will include it).
+    /// Adds a new coupon. The list stays not loaded if it was: the next login loads it.
     pub async fn add(&self, coupon: &Coupon) -> Result<(), MarkerError> {
         self.write("add", std::slice::from_ref(coupon)).await
     }

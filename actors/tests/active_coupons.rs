@@ -1,0 +1,100 @@
+//! The active lazy coupon list against the real Redis at 127.0.0.1:6379. Each test runs
+//! under its own key prefix and deletes its keys after, also when it fails.
+
+use std::{
+    future::Future,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use chrono::Utc;
+use herald_actors::{
+    coupons::{store::STATUS_NORMAL, ActiveCoupons, Claimed, Coupon},
+    markers::{connect, delete_matching},
+};
+use herald_schemas::CouponDelivery;
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Runs `test` on an active list under a prefix of its own, then deletes that prefix's keys.
+async fn with_active<F, Fut>(test: F)
+where
+    F: FnOnce(ActiveCoupons) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let client = connect(REDIS_URL, Duration::from_secs(10))
+        .await
+        .expect("connect to redis at 127.0.0.1:6379");
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .subsec_nanos();
+    let prefix = format!("tac{}_{nanos}", std::process::id());
+    let active = ActiveCoupons::new(client.clone(), &prefix, Duration::from_secs(30));
+    let outcome = tokio::spawn(test(active)).await;
+    delete_matching(&client, &format!("{prefix}:*"))
+        .await
+        .expect("delete test keys");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+fn lazy_coupon(id: i64) -> Coupon {
+    Coupon {
+        id,
+        name: format!("coupon {id}"),
+        coupon_type: 1,
+        starts_at: Utc::now() - chrono::Duration::hours(1),
+        ends_at: Utc::now() + chrono::Duration::days(1),
+        total: None,
+        issued: 0,
+        delivery: CouponDelivery::Lazy,
+        segment: None,
+        campaign_id: None,
+        status: STATUS_NORMAL,
+    }
+}
+
+#[tokio::test]
+async fn a_coupon_created_while_a_node_loads_the_list_stays_in_it() {
+    with_active(|active| async move {
+        let older = lazy_coupon(1);
+        let new = lazy_coupon(2);
+        // A node reads the database's active coupons, before the new one is committed ...
+        let read_before_the_new_one = vec![older];
+        // ... the API commits the new coupon and adds it to the list, not loaded yet ...
+        active.add(&new).await.unwrap();
+        // ... a login meanwhile finds the list not loaded, and loads it itself ...
+        assert_eq!(active.claim(&[5], "a").await.unwrap(), Claimed::NotLoaded);
+        // ... and the node writes what it had read.
+        active.sync(&read_before_the_new_one).await.unwrap();
+        let Claimed::Pairs(mut pairs) = active.claim(&[7], "b").await.unwrap() else {
+            panic!("the list is loaded");
+        };
+        pairs.sort_unstable();
+        assert_eq!(pairs, vec![(1, 7), (2, 7)], "both coupons are active");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_coupon_added_to_a_loaded_list_keeps_the_live_issued_count() {
+    with_active(|active| async move {
+        let mut limited = lazy_coupon(3);
+        limited.total = Some(1);
+        active.sync(std::slice::from_ref(&limited)).await.unwrap();
+        let Claimed::Pairs(pairs) = active.claim(&[10], "a").await.unwrap() else {
+            panic!("the list is loaded");
+        };
+        assert_eq!(pairs, vec![(3, 10)]);
+        active.confirm(&[((3, 10), true)]).await.unwrap();
+        // A repeated add (issued 0, as read before the item) must not give the stock back.
+        active.add(&limited).await.unwrap();
+        assert_eq!(
+            active.claim(&[11], "b").await.unwrap(),
+            Claimed::Pairs(vec![]),
+            "the one item of stock is gone"
+        );
+    })
+    .await;
+}
