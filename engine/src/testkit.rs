@@ -19,4 +19,5 @@ pub use pg_server::PgServer;
 pub use redis_server::RedisServer;
 pub use requests::promotion;
 pub use segment::gold_members;
+pub use server_process::TestServer;
 pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};

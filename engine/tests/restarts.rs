@@ -15,15 +15,16 @@ use std::{
 use herald_engine::{
     providers::{SimulatedConfig, SimulatedProvider},
     schemas::ErrorCode,
-    testkit::{promotion, wait_until, NatsServer, PgServer, RedisServer, Servers, TestEnv},
+    testkit::{promotion, wait_until, NatsServer, PgServer, RedisServer, TestEnv, TestServer},
     Engine,
 };
 
 const USERS: i64 = 20_000;
 /// Push batches in flight on the node.
 const PUSH_CONCURRENCY: usize = 4;
-/// Most users a push batch carries.
-const BATCH: u64 = 100;
+/// Users in flight: those batches of at most 100. After Redis lost its markers, these may be
+/// sent again.
+const IN_FLIGHT: u64 = PUSH_CONCURRENCY as u64 * 100;
 
 /// Runs a 20,000-user campaign on `env`, calls `outage` (which takes a server down and
 /// brings it back) once 2,000 users are pushed, and checks the campaign completes with
@@ -90,99 +91,60 @@ async fn survives(env: &TestEnv, repeats: u64, outage: impl AsyncFnOnce()) {
     .unwrap();
 }
 
-/// nats-server killed, then started again after `down`.
-async fn nats_down_for(name: &str, down: Duration) {
-    let mut nats = NatsServer::start().await.unwrap();
-    let servers = Servers {
-        nats: nats.url(),
-        ..Servers::default()
-    };
-    let env = TestEnv::new_on(name, &servers).await.unwrap();
-    survives(&env, 0, async || {
-        nats.kill();
+/// A server of kind `S` of the test's own, crashed mid-campaign and started again after
+/// `down` (see [`TestServer::crash`] for what a crash is to each), on an environment that
+/// uses it; at most `repeats` users pushed twice.
+async fn down_for<S: TestServer>(name: &str, down: Duration, repeats: u64) {
+    let mut server = S::start().await.unwrap();
+    let env = TestEnv::new_on(name, &server.servers()).await.unwrap();
+    survives(&env, repeats, async || {
+        server.crash();
         tokio::time::sleep(down).await;
-        nats.restart().await.unwrap();
-    })
-    .await;
-}
-
-/// PostgreSQL crashed, then started again after `down`.
-async fn postgres_down_for(name: &str, down: Duration) {
-    let mut pg = PgServer::start().await.unwrap();
-    let servers = Servers {
-        pg_admin: pg.url(),
-        ..Servers::default()
-    };
-    let env = TestEnv::new_on(name, &servers).await.unwrap();
-    survives(&env, 0, async || {
-        pg.crash();
-        tokio::time::sleep(down).await;
-        pg.restart().await.unwrap();
-    })
-    .await;
-}
-
-/// redis-server killed, then started again, empty, after `down`.
-async fn redis_down_for(name: &str, down: Duration) {
-    let mut redis = RedisServer::start().await.unwrap();
-    let servers = Servers {
-        redis: redis.url(),
-        ..Servers::default()
-    };
-    let env = TestEnv::new_on(name, &servers).await.unwrap();
-    // The markers of the batches in flight are gone: those batches may be sent again.
-    survives(&env, PUSH_CONCURRENCY as u64 * BATCH, async || {
-        redis.kill();
-        tokio::time::sleep(down).await;
-        redis.restart().await.unwrap();
+        server.restart().await.unwrap();
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restarted_mid_campaign_loses_no_user() {
-    nats_down_for("natsrestart", Duration::from_millis(500)).await;
+    down_for::<NatsServer>("natsrestart", Duration::from_millis(500), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_down_longer_than_a_pull_loses_no_user() {
     // Longer than a pull request lasts (5 s) with its heartbeats: every pull the engine had
     // waiting is gone when the server comes back.
-    nats_down_for("natsdown", Duration::from_secs(7)).await;
+    down_for::<NatsServer>("natsdown", Duration::from_secs(7), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crashed_mid_campaign_loses_no_user() {
     // Within the push sender's in-place retries of a batch's settling (about 3 s).
-    postgres_down_for("pgcrash", Duration::from_secs(2)).await;
+    down_for::<PgServer>("pgcrash", Duration::from_secs(2), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_past_the_in_place_retries_loses_no_user() {
     // Longer than those retries, and than the tests' 5 s ack wait.
-    postgres_down_for("pgdown", Duration::from_secs(6)).await;
+    down_for::<PgServer>("pgdown", Duration::from_secs(6), 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_mid_campaign_loses_no_user() {
-    redis_down_for("redisrestart", Duration::from_millis(500)).await;
+    down_for::<RedisServer>("redisrestart", Duration::from_millis(500), IN_FLIGHT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_past_the_in_place_retries_loses_no_user() {
     // Longer than the push sender's in-place retries of a batch's settling (about 3 s) and
     // than the tests' 5 s ack wait.
-    redis_down_for("redisdown", Duration::from_secs(6)).await;
+    down_for::<RedisServer>("redisdown", Duration::from_secs(6), IN_FLIGHT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_while_redis_is_down_is_refused_and_goes_through_once_it_is_back() {
     let mut redis = RedisServer::start().await.unwrap();
-    let servers = Servers {
-        redis: redis.url(),
-        ..Servers::default()
-    };
-    let env = TestEnv::new_on("redisapi", &servers).await.unwrap();
+    let env = TestEnv::new_on("redisapi", &redis.servers()).await.unwrap();
     env.run_test(async {
         env.seed(100).await.unwrap();
         let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
@@ -200,7 +162,7 @@ async fn a_create_while_redis_is_down_is_refused_and_goes_through_once_it_is_bac
             .unwrap();
         let request = promotion("while redis is down");
 
-        redis.kill();
+        redis.crash();
         let asked = Instant::now();
         let refused = env
             .create(&request)

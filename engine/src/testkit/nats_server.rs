@@ -6,7 +6,10 @@ use std::{process::Command, time::Duration};
 
 use anyhow::Context;
 
-use super::server_process::{find_bin, ServerProcess};
+use super::{
+    server_process::{find_bin, ServerProcess, TestServer},
+    Servers,
+};
 
 /// How long a started server gets to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -18,9 +21,14 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a server on a free port of 127.0.0.1, with JetStream storing under a new
-    /// directory in the system's temp dir.
-    pub async fn start() -> anyhow::Result<Self> {
+    /// The URL clients connect to.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.process.port())
+    }
+}
+
+impl TestServer for NatsServer {
+    async fn start() -> anyhow::Result<Self> {
         let mut server = Self {
             process: ServerProcess::new("nats", "-KILL")?,
         };
@@ -28,20 +36,19 @@ impl NatsServer {
         Ok(server)
     }
 
-    /// The URL clients connect to.
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.process.port())
+    fn servers(&self) -> Servers {
+        Servers {
+            nats: self.url(),
+            ..Servers::default()
+        }
     }
 
-    /// Kills the server with SIGKILL (no shutdown, no flush) and waits for it to exit. What it
-    /// had written stays in its directory, as after a crash of the process.
-    pub fn kill(&mut self) {
+    /// SIGKILL: no shutdown, no flush. What it had written stays in its directory.
+    fn crash(&mut self) {
         self.process.crash();
     }
 
-    /// Starts the server again (killing it first if it runs) on the same port and directory,
-    /// and waits until it accepts connections.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
+    async fn restart(&mut self) -> anyhow::Result<()> {
         let bin = find_bin("nats-server").context(
             "nats-server not found on PATH or in /usr/sbin; scripts/services.sh installs it",
         )?;

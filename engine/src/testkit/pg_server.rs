@@ -10,7 +10,10 @@ use std::{
 
 use anyhow::{ensure, Context};
 
-use super::server_process::ServerProcess;
+use super::{
+    server_process::{ServerProcess, TestServer},
+    Servers,
+};
 
 /// How long a started server gets to accept connections (crash recovery included).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,9 +30,37 @@ pub struct PgServer {
 }
 
 impl PgServer {
-    /// Makes a new cluster under the system's temp dir and starts it on a free port of
-    /// 127.0.0.1.
-    pub async fn start() -> anyhow::Result<Self> {
+    /// The admin URL (database `postgres`), without TLS.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.process.port()
+        )
+    }
+
+    /// `program` from the server's bin dir, as [`RUN_AS`] when this process is root.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_root {
+            // setpriv execs the program itself, so the child's pid is the server's.
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={RUN_AS}"),
+                &format!("--regid={RUN_AS}"),
+                "--init-groups",
+                "--",
+            ])
+            .arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+}
+
+impl TestServer for PgServer {
+    /// Makes a new cluster (`initdb`) and starts it.
+    async fn start() -> anyhow::Result<Self> {
         let bin = find_bin_dir().context(
             "no PostgreSQL server under /usr/lib/postgresql/*/bin; scripts/services.sh installs it",
         )?;
@@ -50,12 +81,13 @@ impl PgServer {
                 server.process.dir().display()
             );
         }
-        let data = server.process.dir().join("data");
-        let out = server
-            .command("initdb")
+        let mut initdb = server.command("initdb");
+        initdb
             .args(["-A", "trust", "-U", "postgres", "-D"])
-            .arg(&data)
-            .output()
+            .arg(server.process.dir().join("data"));
+        // initdb takes seconds: off the async threads.
+        let out = tokio::task::spawn_blocking(move || initdb.output())
+            .await?
             .context("running initdb")?;
         ensure!(
             out.status.success(),
@@ -66,23 +98,20 @@ impl PgServer {
         Ok(server)
     }
 
-    /// The admin URL (database `postgres`), without TLS.
-    pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-            self.process.port()
-        )
+    fn servers(&self) -> Servers {
+        Servers {
+            pg_admin: self.url(),
+            ..Servers::default()
+        }
     }
 
-    /// Crashes the server: an immediate shutdown (SIGQUIT), which ends every backend at once
-    /// with no checkpoint, so the next start runs crash recovery.
-    pub fn crash(&mut self) {
+    /// An immediate shutdown (SIGQUIT), which ends every backend at once with no
+    /// checkpoint, so the next start runs crash recovery.
+    fn crash(&mut self) {
         self.process.crash();
     }
 
-    /// Starts the server again (crashing it first if it runs) on the same port and data, and
-    /// waits until it accepts connections.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
+    async fn restart(&mut self) -> anyhow::Result<()> {
         let dir = self.process.dir();
         let mut command = self.command("postgres");
         command
@@ -92,25 +121,6 @@ impl PgServer {
             .arg(dir)
             .args(["-c", "listen_addresses=127.0.0.1"]);
         self.process.start(command, START_TIMEOUT).await
-    }
-
-    /// `program` from the server's bin dir, as [`RUN_AS`] when this process is root.
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if self.as_root {
-            // setpriv execs the program itself, so the child's pid is the server's.
-            let mut c = Command::new("setpriv");
-            c.args([
-                &format!("--reuid={RUN_AS}"),
-                &format!("--regid={RUN_AS}"),
-                "--init-groups",
-                "--",
-            ])
-            .arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
     }
 }
 

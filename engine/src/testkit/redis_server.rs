@@ -7,7 +7,10 @@ use std::{process::Command, time::Duration};
 
 use anyhow::Context;
 
-use super::server_process::{find_bin, ServerProcess};
+use super::{
+    server_process::{find_bin, ServerProcess, TestServer},
+    Servers,
+};
 
 /// How long a started server gets to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -19,9 +22,14 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a server on a free port of 127.0.0.1, working in a new directory in the
-    /// system's temp dir.
-    pub async fn start() -> anyhow::Result<Self> {
+    /// The URL clients connect to.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.process.port())
+    }
+}
+
+impl TestServer for RedisServer {
+    async fn start() -> anyhow::Result<Self> {
         let mut server = Self {
             process: ServerProcess::new("redis", "-KILL")?,
         };
@@ -29,32 +37,35 @@ impl RedisServer {
         Ok(server)
     }
 
-    /// The URL clients connect to.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.process.port())
+    fn servers(&self) -> Servers {
+        Servers {
+            redis: self.url(),
+            ..Servers::default()
+        }
     }
 
-    /// Kills the server with SIGKILL and waits for it to exit; its data is gone.
-    pub fn kill(&mut self) {
+    /// SIGKILL: its data is gone, and it comes back empty.
+    fn crash(&mut self) {
         self.process.crash();
     }
 
-    /// Starts the server again, empty (killing it first if it runs), on the same port, and
-    /// waits until it accepts connections.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
+    async fn restart(&mut self) -> anyhow::Result<()> {
         let bin = find_bin("redis-server").context(
             "redis-server not found on PATH or in /usr/bin; scripts/services.sh installs it",
         )?;
         let mut command = Command::new(bin);
         command
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.process.port().to_string())
             .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.process.port().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
             ])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
             .arg(self.process.dir());
         self.process.start(command, START_TIMEOUT).await
     }

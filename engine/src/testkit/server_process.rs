@@ -1,7 +1,8 @@
 //! What [`NatsServer`](super::NatsServer), [`PgServer`](super::PgServer) and
-//! [`RedisServer`](super::RedisServer) share: a process on a free loopback port with a
-//! directory of its own, started and waited for until it listens, stopped with the signal
-//! that server takes as a crash, and removed with its directory when dropped.
+//! [`RedisServer`](super::RedisServer) share: the [`TestServer`] interface, and a process on
+//! a free loopback port with a directory of its own, started and waited for until it
+//! listens, stopped with the signal that server takes as a crash, and removed with its
+//! directory when dropped.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -12,6 +13,25 @@ use std::{
 
 use anyhow::{bail, Context};
 use tokio::net::TcpStream;
+
+use super::Servers;
+
+/// A server of a test's own, to take down and bring back in the middle of a test.
+pub trait TestServer: Sized {
+    /// Starts a new one on a free port of 127.0.0.1, with its data in a new directory under
+    /// the system's temp dir, and waits until it accepts connections.
+    fn start() -> impl std::future::Future<Output = anyhow::Result<Self>> + Send;
+
+    /// The shared servers, with this one in the place of its kind.
+    fn servers(&self) -> Servers;
+
+    /// Crashes it, as that server takes a crash, and waits for it to exit.
+    fn crash(&mut self);
+
+    /// Starts it again (crashing it first if it runs) on the same port and directory, and
+    /// waits until it accepts connections.
+    fn restart(&mut self) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+}
 
 /// A server process of a test's own.
 pub(super) struct ServerProcess {
