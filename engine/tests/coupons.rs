@@ -1,10 +1,12 @@
 //! Coupons end to end against the real NATS, Redis and PostgreSQL: lazy issuance on login
 //! storms handled by two nodes, stock never oversold, validity windows, segment pushes and
-//! claims, eager issuance, release on order cancel, Redis losing its data, dead letters.
+//! claims, eager issuance, release on order cancel, Redis losing its data, a coupon Redis
+//! cannot activate, dead letters.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::{Duration as Span, Utc};
+use fred::interfaces::KeysInterface;
 use herald_engine::{
     providers::{Ledger, SimulatedConfig, SimulatedProvider},
     schemas::{
@@ -319,6 +321,63 @@ async fn redis_losing_its_data_issues_nobody_twice() {
         assert_eq!(users.iter().collect::<HashSet<_>>().len(), 1_500);
         assert!((1..=1_000).all(|u| users.binary_search(&u).is_ok()));
         assert_eq!(status(&env, c.coupon_id).await.issued, 1_500);
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_coupon_redis_cannot_activate_is_refused_and_a_repeat_activates_it() {
+    let mut env = TestEnv::new("cpadd").await.unwrap();
+    // No sync during the test: only the API's add can put the coupon in the list.
+    env.config.pipeline.coupon_sync_interval_ms = 3_600_000;
+    env.run_test(async {
+        env.seed(100).await.unwrap();
+        let (engine, _) = start(&env).await;
+        let redis =
+            herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
+                .await
+                .unwrap();
+        let loaded = format!("{}:cp:loaded", env.prefix);
+        let active = format!("{}:cp:active", env.prefix);
+        assert!(
+            wait_until(LONG, || async {
+                redis.exists::<i64, _>(&loaded).await.unwrap_or(0) == 1
+            })
+            .await,
+            "the node loaded the (empty) active list"
+        );
+        // The list's key holds a string, so Redis answers the add with WRONGTYPE.
+        let _: () = redis
+            .set(&active, "not a sorted set", None, None, false)
+            .await
+            .unwrap();
+
+        let req = coupon("needs redis", CouponDelivery::Lazy);
+        let err = create(&env, &req).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable, "{err:?}");
+        assert!(
+            err.message.contains("repeat the request"),
+            "{}",
+            err.message
+        );
+        let saved = count(&env, "SELECT COUNT(*) AS n FROM sales_promotion_coupon").await;
+        assert_eq!(saved, 1, "the coupon is saved, not lost");
+
+        let _: i64 = redis.del(&active).await.unwrap();
+        let again = create(&env, &req).await.unwrap();
+        assert!(again.duplicate, "the repeat finds the saved coupon");
+
+        let users: Vec<Vec<u8>> = (1..=100).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), users)
+            .await
+            .unwrap();
+        assert!(
+            wait_until(LONG, || async { items(&env, again.coupon_id).await >= 100 }).await,
+            "logins after the repeat get the coupon"
+        );
+        assert_eq!(status(&env, again.coupon_id).await.issued, 100);
         engine.shutdown().await.unwrap();
     })
     .await

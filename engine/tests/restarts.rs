@@ -98,7 +98,7 @@ async fn down_for<S: TestServer>(name: &str, down: Duration, repeats: u64) {
     let mut server = S::start().await.unwrap();
     let env = TestEnv::new_on(name, &server.servers()).await.unwrap();
     survives(&env, repeats, async || {
-        server.crash();
+        server.crash().await;
         tokio::time::sleep(down).await;
         server.restart().await.unwrap();
     })
@@ -162,7 +162,7 @@ async fn a_create_while_redis_is_down_is_refused_and_goes_through_once_it_is_bac
             .unwrap();
         let request = promotion("while redis is down");
 
-        redis.crash();
+        redis.crash().await;
         let asked = Instant::now();
         let refused = env
             .create(&request)

@@ -1,7 +1,8 @@
 //! The coupon endpoints: create (lazy, eager or segment delivery), claim and status.
 //!
 //! A lazy coupon goes into the Redis active list before the reply, so logins right after it
-//! see it. An eager or segment coupon gets a campaign (one per coupon, found again on a
+//! see it; when that fails the reply is `unavailable`, and a repeat of the request (a
+//! duplicate) adds it again. An eager or segment coupon gets a campaign (one per coupon, found again on a
 //! repeated request) that the pipeline runs: eager campaigns end in the coupon-issuing stage,
 //! segment campaigns push "claim your coupon" to the segment.
 
@@ -35,8 +36,14 @@ impl ApiService {
         let coupon = self.coupon(id).await?;
         let campaign_id = match coupon.delivery {
             CouponDelivery::Lazy => {
+                // Without this, logins would miss the coupon until the next sync; the client
+                // hears it and a repeat (a duplicate, which adds again) activates it.
                 if let Err(e) = self.coupons.add(&coupon).await {
-                    tracing::warn!(coupon_id = id, error = %e, "adding coupon to the redis list failed; the next sync adds it");
+                    tracing::warn!(coupon_id = id, error = %e, "adding coupon to the redis list failed");
+                    return Err(ApiError::unavailable(format!(
+                        "coupon {id} is saved but not active for logins yet (redis: {e}); \
+                         repeat the request to activate it"
+                    )));
                 }
                 None
             }

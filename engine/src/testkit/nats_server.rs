@@ -44,8 +44,8 @@ impl TestServer for NatsServer {
     }
 
     /// SIGKILL: no shutdown, no flush. What it had written stays in its directory.
-    fn crash(&mut self) {
-        self.process.crash();
+    async fn crash(&mut self) {
+        self.process.crash().await;
     }
 
     async fn restart(&mut self) -> anyhow::Result<()> {

@@ -107,8 +107,8 @@ impl TestServer for PgServer {
 
     /// An immediate shutdown (SIGQUIT), which ends every backend at once with no
     /// checkpoint, so the next start runs crash recovery.
-    fn crash(&mut self) {
-        self.process.crash();
+    async fn crash(&mut self) {
+        self.process.crash().await;
     }
 
     async fn restart(&mut self) -> anyhow::Result<()> {

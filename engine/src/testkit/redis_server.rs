@@ -45,8 +45,8 @@ impl TestServer for RedisServer {
     }
 
     /// SIGKILL: its data is gone, and it comes back empty.
-    fn crash(&mut self) {
-        self.process.crash();
+    async fn crash(&mut self) {
+        self.process.crash().await;
     }
 
     async fn restart(&mut self) -> anyhow::Result<()> {

@@ -26,7 +26,7 @@ pub trait TestServer: Sized {
     fn servers(&self) -> Servers;
 
     /// Crashes it, as that server takes a crash, and waits for it to exit.
-    fn crash(&mut self);
+    fn crash(&mut self) -> impl std::future::Future<Output = ()> + Send;
 
     /// Starts it again (crashing it first if it runs) on the same port and directory, and
     /// waits until it accepts connections.
@@ -70,13 +70,12 @@ impl ServerProcess {
         &self.dir
     }
 
-    /// Sends the crash signal, if the server runs, and waits for it to exit.
-    pub(super) fn crash(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args([self.crash_signal, &child.id().to_string()])
-                .status();
-            let _ = child.wait();
+    /// Sends the crash signal, if the server runs, and waits for it to exit (PostgreSQL
+    /// takes a while to end its backends), on a blocking thread.
+    pub(super) async fn crash(&mut self) {
+        if let Some(child) = self.child.take() {
+            let signal = self.crash_signal;
+            let _ = tokio::task::spawn_blocking(move || end(child, signal)).await;
         }
     }
 
@@ -87,7 +86,7 @@ impl ServerProcess {
         mut command: Command,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        self.crash();
+        self.crash().await;
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -97,7 +96,7 @@ impl ServerProcess {
         self.child = Some(child);
         let listening = self.wait_listening(timeout).await;
         if listening.is_err() {
-            self.crash();
+            self.crash().await;
         }
         listening
     }
@@ -126,9 +125,20 @@ impl ServerProcess {
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        self.crash();
+        // Nothing can be awaited here.
+        if let Some(child) = self.child.take() {
+            end(child, self.crash_signal);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Sends `signal` (a `kill` option) to the child and waits for it to exit.
+fn end(mut child: Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+    let _ = child.wait();
 }
 
 /// `name` on PATH, or where Debian puts server binaries (`/usr/sbin` is not on a user's PATH).
