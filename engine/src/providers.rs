@@ -95,9 +95,15 @@ impl ProviderConfig {
         }
     }
 
-    /// Validates and builds the provider.
+    /// Validates and builds the provider; a simulated one keeps no ledger
+    /// ([`SimulatedProvider::unrecorded`]).
     pub fn build(&self) -> anyhow::Result<Arc<dyn Provider>> {
-        self.build_with_ledger().map(|(provider, _)| provider)
+        match self {
+            Self::Simulated { .. } => Ok(Arc::new(SimulatedProvider::unrecorded(
+                self.simulated_config()?,
+            ))),
+            _ => self.build_with_ledger().map(|(provider, _)| provider),
+        }
     }
 
     /// Validates and builds the provider; for `simulated`, also returns its ledger so a

@@ -267,6 +267,27 @@ async fn simulated_ledger_counts_deliveries_and_duplicates() {
 }
 
 #[tokio::test]
+async fn a_simulated_provider_built_from_config_keeps_no_ledger() {
+    // `herald serve` builds its providers from config and never reads a ledger; one would
+    // grow by an entry per user and campaign for as long as the node runs.
+    let provider = SimulatedProvider::unrecorded(SimulatedConfig::default());
+    let ledger = provider.ledger();
+    let batch: Vec<Push> = (0..1_000).map(|user| push(6, user)).collect();
+    let sent = provider.send_batch(&batch).await;
+    assert!(sent.iter().all(Result::is_ok));
+    assert_eq!((ledger.total(), ledger.attempts()), (0, 0));
+
+    let config = ProviderConfig::Simulated {
+        latency_ms: 0,
+        failure_rate: 0.0,
+        permanent_failure_rate: 0.0,
+    };
+    let built = config.build().unwrap();
+    assert_eq!(built.name(), "simulated");
+    assert!(built.send_batch(&batch).await.iter().all(Result::is_ok));
+}
+
+#[tokio::test]
 async fn simulated_failure_rate_one_always_fails() {
     let provider = SimulatedProvider::new(SimulatedConfig {
         failure_rate: 1.0,

@@ -1,5 +1,6 @@
 //! [`SimulatedProvider`]: a provider that takes time and fails at configured rates, and
-//! keeps a [`Ledger`] of what it delivered, for tests, demos and the benchmark.
+//! keeps a [`Ledger`] of what it delivered, for tests, demos and the benchmark. One built
+//! from a node's config ([`SimulatedProvider::unrecorded`]) keeps none.
 
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct SimulatedProvider {
     permanent_failure_rate: f64,
     rng: SplitMix64,
     ledger: Ledger,
+    /// False: the ledger stays empty (see [`SimulatedProvider::unrecorded`]).
+    record: bool,
 }
 
 impl SimulatedProvider {
@@ -80,6 +83,18 @@ impl SimulatedProvider {
             permanent_failure_rate: clamp(config.permanent_failure_rate),
             rng,
             ledger: Ledger::new(),
+            record: true,
+        }
+    }
+
+    /// Like [`new`](Self::new), but it records nothing: its ledger stays empty. What a node
+    /// builds from its config (`herald serve` with `kind = "simulated"`), where no one can
+    /// read a ledger, and a ledger would keep an entry per user and campaign for as long as
+    /// the node runs (tens of MB per 1M-user campaign, and CPU for every push).
+    pub fn unrecorded(config: SimulatedConfig) -> Self {
+        Self {
+            record: false,
+            ..Self::new(config)
         }
     }
 
@@ -103,8 +118,10 @@ impl Provider for SimulatedProvider {
     /// One call for the whole batch, as a batch endpoint takes: one latency, then each push
     /// succeeds or fails on its own draw.
     async fn send_batch(&self, pushes: &[Push]) -> Vec<Result<(), SendError>> {
-        for _ in pushes {
-            self.ledger.record_attempt();
+        if self.record {
+            for _ in pushes {
+                self.ledger.record_attempt();
+            }
         }
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
@@ -128,7 +145,9 @@ impl SimulatedProvider {
                 retry_after: None,
             });
         }
-        self.ledger.record_delivery(push.campaign_id, push.user_id);
+        if self.record {
+            self.ledger.record_delivery(push.campaign_id, push.user_id);
+        }
         Ok(())
     }
 }
