@@ -10,11 +10,7 @@ use fred::{
     interfaces::{ClientLike, KeysInterface},
 };
 use futures::StreamExt;
-use herald_engine::{
-    providers::{Ledger, SimulatedConfig, SimulatedProvider},
-    schemas::InformType,
-    Provider, Push,
-};
+use herald_engine::{schemas::InformType, Provider, Push};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -36,7 +32,8 @@ pub struct BaselineResult {
     /// its pull request ran out, and that round's time (and ratio) says so.
     pub pull_errors: u64,
     pub seconds: f64,
-    pub ledger: Ledger,
+    /// Users the provider received more than once.
+    pub duplicates: u64,
     /// CPU of this process and the servers during the run.
     pub cpu: crate::proc::CpuSnapshot,
 }
@@ -63,12 +60,8 @@ pub async fn run(
     .await?;
     let redis =
         herald_actors::markers::connect(redis_url, std::time::Duration::from_secs(10)).await?;
-    let provider = Arc::new(SimulatedProvider::new(SimulatedConfig {
-        latency_ms,
-        failure_rate: 0.0,
-        permanent_failure_rate: 0.0,
-    }));
-    let ledger = provider.ledger();
+    // herald's pushes count with the same provider.
+    let provider = Arc::new(crate::counting::CountingProvider::new(users, latency_ms));
     let cpu0 = crate::proc::CpuSnapshot::now();
     let started = Instant::now();
 
@@ -138,7 +131,7 @@ pub async fn run(
     drop(messages);
     producer.await??;
     let seconds = started.elapsed().as_secs_f64();
-    let missing = (users as u64).saturating_sub(ledger.distinct());
+    let (duplicates, missing) = provider.duplicates_and_misses();
     let cpu = crate::proc::CpuSnapshot::since(&cpu0);
     // Clean up: the stream and the per-user keys.
     let _ = js.delete_stream(&name).await;
@@ -149,7 +142,7 @@ pub async fn run(
         missing,
         pull_errors,
         seconds,
-        ledger,
+        duplicates,
         cpu,
     })
 }

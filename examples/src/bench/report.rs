@@ -211,7 +211,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
                 b.cpu.engine,
                 median(ratio),
                 b.users,
-                b.ledger.duplicates(),
+                b.duplicates,
                 b.missing
             );
             println!(
