@@ -2,9 +2,9 @@
 //!
 //! A lazy coupon goes into the Redis active list before the reply, so logins right after it
 //! see it; when that fails the reply is `unavailable`, and a repeat of the request (a
-//! duplicate) adds it again. An eager or segment coupon gets a campaign (one per coupon, found again on a
-//! repeated request) that the pipeline runs: eager campaigns end in the coupon-issuing stage,
-//! segment campaigns push "claim your coupon" to the segment.
+//! duplicate) adds it again. An eager or segment coupon gets a campaign (one per coupon,
+//! found again on a repeated request) that the pipeline runs: eager campaigns end in the
+//! coupon-issuing stage, segment campaigns push "claim your coupon" to the segment.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use herald_actors::{
