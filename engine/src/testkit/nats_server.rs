@@ -4,8 +4,6 @@
 
 use std::{process::Command, time::Duration};
 
-use anyhow::Context;
-
 use super::{
     server_process::{find_bin, ServerProcess, TestServer},
     Servers,
@@ -49,9 +47,7 @@ impl TestServer for NatsServer {
     }
 
     async fn restart(&mut self) -> anyhow::Result<()> {
-        let bin = find_bin("nats-server").context(
-            "nats-server not found on PATH or in /usr/sbin; scripts/services.sh installs it",
-        )?;
+        let bin = find_bin("nats-server")?;
         let mut command = Command::new(bin);
         command
             .args(["-a", "127.0.0.1", "-p", &self.process.port().to_string()])

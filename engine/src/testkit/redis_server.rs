@@ -5,8 +5,6 @@
 
 use std::{process::Command, time::Duration};
 
-use anyhow::Context;
-
 use super::{
     server_process::{find_bin, ServerProcess, TestServer},
     Servers,
@@ -50,9 +48,7 @@ impl TestServer for RedisServer {
     }
 
     async fn restart(&mut self) -> anyhow::Result<()> {
-        let bin = find_bin("redis-server").context(
-            "redis-server not found on PATH or in /usr/bin; scripts/services.sh installs it",
-        )?;
+        let bin = find_bin("redis-server")?;
         let mut command = Command::new(bin);
         command
             .args(["--bind", "127.0.0.1", "--port"])

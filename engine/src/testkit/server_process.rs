@@ -141,14 +141,23 @@ fn end(mut child: Child, signal: &str) {
     let _ = child.wait();
 }
 
-/// `name` on PATH, or where Debian puts server binaries (`/usr/sbin` is not on a user's PATH).
-pub(super) fn find_bin(name: &str) -> Option<PathBuf> {
+/// Where Debian and local installs put server binaries (`/usr/sbin` is not on a user's PATH).
+const SERVER_DIRS: [&str; 4] = ["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"];
+
+/// `name` on PATH or in [`SERVER_DIRS`]; the error says where it looked and what installs it.
+pub(super) fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
     on_path
         .into_iter()
-        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from))
+        .chain(SERVER_DIRS.map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{name} not found on PATH or in {}; scripts/services.sh installs it",
+                SERVER_DIRS.join(", ")
+            )
+        })
 }
