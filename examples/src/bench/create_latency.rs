@@ -1,8 +1,8 @@
 //! Latency of `campaign.create` under concurrent requesters. By default each requester sends
 //! its requests back to back (a closed loop: the machine is saturated, and latency is the
 //! queue in front of it). With a rate, the requesters are paced (an open loop): each request
-//! has a scheduled time, and a requester that fell behind its schedule is charged for the
-//! wait. The campaigns target an empty segment so the fan-out is trivial.
+//! has a scheduled time, and a requester still waiting for its previous reply at that time
+//! is charged for the wait. The campaigns target an empty segment so the fan-out is trivial.
 //!
 //! [`floor`] runs the same requesters against a responder that only decodes the body and
 //! replies: the request/reply round trip through NATS on this machine, below which no create
@@ -11,9 +11,6 @@
 use std::time::{Duration, Instant};
 
 use herald_engine::schemas::Subjects;
-
-/// How late tokio's timer may fire on its own (its resolution is a millisecond).
-const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 /// Sorted latencies.
 pub struct Latencies(pub Vec<Duration>);
@@ -109,6 +106,23 @@ pub async fn floor(
     lat
 }
 
+/// What a paced request scheduled at `at` and sent at `sent` is charged on top of its round
+/// trip, when its requester got its previous reply at `free_at`. A requester still waiting for
+/// that reply at `at` is charged from `at` (no coordinated omission). A requester that was
+/// free at `at` but woke late (tokio's timer, or this process not being scheduled) is not:
+/// that delay is the load generator's own, and no create was waiting in it.
+fn charged_delay(
+    at: tokio::time::Instant,
+    free_at: tokio::time::Instant,
+    sent: tokio::time::Instant,
+) -> Duration {
+    if free_at > at {
+        sent.saturating_duration_since(at)
+    } else {
+        Duration::ZERO
+    }
+}
+
 async fn run_on(
     nats: &async_nats::Client,
     subject: String,
@@ -131,6 +145,7 @@ async fn run_on(
         let tag = tag.to_string();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::with_capacity(per_requester);
+            let mut free_at = tokio::time::Instant::now();
             for i in 0..per_requester {
                 let body = serde_json::json!({
                     "kind": "promotion", "name": format!("latency {tag} {run_id} {r} {i}"),
@@ -140,21 +155,16 @@ async fn run_on(
                     "audience": {"type": "segment", "min_points": 1_000_000_000}
                 });
                 let payload = serde_json::to_vec(&body)?;
-                // A paced request that starts late because this requester was still
-                // waiting for its previous reply is charged for the delay; tokio's timer
-                // fires up to a millisecond late by itself, and that is not charged.
                 let mut late = Duration::ZERO;
                 if let Some(gap) = gap {
                     let at = start + gap * (i * requesters + r) as u32;
                     tokio::time::sleep_until(at).await;
-                    let behind = at.elapsed();
-                    if behind > TIMER_SLACK {
-                        late = behind;
-                    }
+                    late = charged_delay(at, free_at, tokio::time::Instant::now());
                 }
                 let t = Instant::now();
                 let reply = nats.request(subject.clone(), payload.into()).await?;
                 out.push(t.elapsed() + late);
+                free_at = tokio::time::Instant::now();
                 let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
                 anyhow::ensure!(v["ok"] == serde_json::json!(true), "create failed: {v}");
                 anyhow::ensure!(
@@ -171,4 +181,21 @@ async fn run_on(
     }
     all.sort();
     Ok(Latencies(all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_requester_still_waiting_is_charged_from_its_time_and_a_late_wake_is_not() {
+        let at = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        // Busy until 7 ms after its time, sent right after: charged the 7 ms and the rest.
+        assert_eq!(charged_delay(at, at + ms(7), at + ms(8)), ms(8));
+        // Free before its time, woken 5 ms late: not charged.
+        assert_eq!(charged_delay(at, at - ms(1), at + ms(5)), Duration::ZERO);
+        // Free exactly at its time.
+        assert_eq!(charged_delay(at, at, at + ms(3)), Duration::ZERO);
+    }
 }
