@@ -6,7 +6,9 @@
 //!
 //! [`floor`] runs the same requesters against a responder that only decodes the body and
 //! replies: the request/reply round trip through NATS on this machine, below which no create
-//! can answer.
+//! can answer. With a database it also commits each body as one row, grouped over concurrent
+//! requests as the API groups its inserts, before it replies: the part of a create that no
+//! change to herald can remove while a reply means the campaign is on disk.
 
 use std::time::{Duration, Instant};
 
@@ -71,22 +73,50 @@ pub struct Load {
     pub rate: Option<f64>,
 }
 
-/// The requesters against a no-op responder on its own connection to `nats_url`, on a
-/// subject under `prefix`: what the same load costs with no create behind it.
+/// What the floor's responder does before it replies.
+pub enum Floor {
+    /// Nothing: the request/reply round trip alone.
+    NoOp,
+    /// Commits the body as one row of a table of its own in this database, over
+    /// `connections` connections, grouped as the API groups its campaign inserts.
+    Commit {
+        /// The database URL.
+        url: String,
+        /// Connections (the API's `api.db_connections`).
+        connections: u32,
+    },
+}
+
+/// Most rows per commit-floor statement, as in the API's insert groups.
+const MAX_GROUP: usize = 128;
+
+/// The requesters against a responder of `kind` on its own connection to `nats_url`, on a
+/// subject under `prefix`: what the same load costs with no create behind it, or with only
+/// its commit.
 pub async fn floor(
     nats: &async_nats::Client,
     nats_url: &str,
     prefix: &str,
+    kind: Floor,
     load: Load,
 ) -> anyhow::Result<Latencies> {
+    let commits = match kind {
+        Floor::NoOp => None,
+        Floor::Commit { url, connections } => Some(commit_batcher(&url, connections).await?),
+    };
     let subject = format!("{prefix}.bench.floor");
     let responder = async_nats::connect(nats_url).await?;
     let mut sub = responder.subscribe(subject.clone()).await?;
     let serve = tokio::spawn(async move {
         while let Some(msg) = futures::StreamExt::next(&mut sub).await {
             let responder = responder.clone();
+            let commits = commits.clone();
             tokio::spawn(async move {
-                let ok = serde_json::from_slice::<serde_json::Value>(&msg.payload).is_ok();
+                let mut ok = serde_json::from_slice::<serde_json::Value>(&msg.payload).is_ok();
+                if let (Some(commits), true) = (commits, ok) {
+                    let body = String::from_utf8_lossy(&msg.payload).into_owned();
+                    ok = commits.call(body).await.is_ok();
+                }
                 if let (Some(reply), true) = (msg.reply, ok) {
                     let body = br#"{"ok":true,"campaign_id":0,"duplicate":false}"#;
                     let _ = responder.publish(reply, body.as_slice().into()).await;
@@ -121,6 +151,46 @@ fn charged_delay(
     } else {
         Duration::ZERO
     }
+}
+
+/// Groups request bodies into one multi-row insert each, committed before the callers get
+/// their results (autocommit, with the server's `synchronous_commit`).
+async fn commit_batcher(
+    url: &str,
+    connections: u32,
+) -> anyhow::Result<herald_engine::actors::batcher::Batcher<String, ()>> {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let db = herald_engine::engine::connect_db(url, connections.max(1)).await?;
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS bench_commit_floor (id bigserial PRIMARY KEY, body text NOT NULL)",
+    )
+    .await?;
+    let batcher = herald_engine::actors::batcher::Batcher::start(
+        MAX_GROUP * 8,
+        MAX_GROUP,
+        connections.max(1) as usize,
+        move |bodies: Vec<String>| {
+            let db = db.clone();
+            async move {
+                let rows = (1..=bodies.len())
+                    .map(|k| format!("(${k})"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let n = bodies.len();
+                let sql = format!("INSERT INTO bench_commit_floor (body) VALUES {rows}");
+                let values = bodies.into_iter().map(sea_orm::Value::from);
+                db.execute(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    sql,
+                    values,
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(vec![(); n])
+            }
+        },
+    );
+    Ok(batcher)
 }
 
 async fn run_on(

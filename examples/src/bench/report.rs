@@ -45,6 +45,9 @@ pub struct Measured {
     pub lat_api_paced: Option<Latencies>,
     pub lat_floor: Latencies,
     pub lat_floor_paced: Option<Latencies>,
+    /// The floor with a grouped, committed insert before each reply.
+    pub lat_commit_floor: Latencies,
+    pub lat_commit_floor_paced: Option<Latencies>,
     pub ceil: CeilingResult,
 }
 
@@ -137,6 +140,8 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         lat_api_paced,
         lat_floor,
         lat_floor_paced,
+        lat_commit_floor,
+        lat_commit_floor_paced,
         ceil,
     } = m;
     let rounds = slows.len();
@@ -278,10 +283,13 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         ("create latency".to_string(), &lat),
         ("create latency, API-only node".to_string(), &lat_api),
         ("floor: request/reply, no-op reply".to_string(), &lat_floor),
+        ("floor: reply after a commit".to_string(), &lat_commit_floor),
     ];
-    if let (Some(p), Some(f)) = (&lat_api_paced, &lat_floor_paced) {
+    if let (Some(p), Some(f), Some(c)) = (&lat_api_paced, &lat_floor_paced, &lat_commit_floor_paced)
+    {
         rows.push((format!("API-only, paced {:.0}/s", run.create_rate), p));
         rows.push((format!("floor, paced {:.0}/s", run.create_rate), f));
+        rows.push((format!("commit floor, paced {:.0}/s", run.create_rate), c));
     }
     for (label, l) in rows {
         println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
@@ -313,9 +321,11 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         "create_latency_ms": lat.json(),
         "create_latency_api_only_ms": lat_api.json(),
         "request_reply_floor_ms": lat_floor.json(),
+        "commit_floor_ms": lat_commit_floor.json(),
         "create_rate_per_s": lat_api_paced.as_ref().map(|_| run.create_rate),
         "create_latency_api_only_paced_ms": lat_api_paced.as_ref().map(|l| l.json()),
         "request_reply_floor_paced_ms": lat_floor_paced.as_ref().map(|l| l.json()),
+        "commit_floor_paced_ms": lat_commit_floor_paced.as_ref().map(|l| l.json()),
         "ceiling": {"seconds": ceil.seconds, "users_per_s": rate(ceil.seconds, n), "messages": ceil.messages},
         "logins": login.as_ref().map(|r| r.json()),
     });

@@ -251,19 +251,42 @@ async fn paced_floor(
     if args.create_rate <= 0.0 {
         return Ok(None);
     }
-    Ok(Some(floor(env, args, true).await?))
+    Ok(Some(floor(env, args, false, true).await?))
 }
 
-/// The create-latency requesters against a no-op responder: the request/reply floor.
+/// The paced commit floor, or None when `--create-rate` is 0.
+async fn paced_commit_floor(
+    env: &TestEnv,
+    args: &Args,
+) -> anyhow::Result<Option<create_latency::Latencies>> {
+    if args.create_rate <= 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(floor(env, args, true, true).await?))
+}
+
+/// The create-latency requesters against a responder that only replies (the request/reply
+/// floor) or, with `commit`, commits each request as a row first, grouped over the API's
+/// number of connections (the floor a create's synchronous insert adds).
 async fn floor(
     env: &TestEnv,
     args: &Args,
+    commit: bool,
     paced: bool,
 ) -> anyhow::Result<create_latency::Latencies> {
+    let kind = if commit {
+        create_latency::Floor::Commit {
+            url: env.config.database.url.clone(),
+            connections: bench_config(env, args).api.db_connections,
+        }
+    } else {
+        create_latency::Floor::NoOp
+    };
     create_latency::floor(
         &env.nats,
         &env.config.nats.url,
         &env.prefix,
+        kind,
         load(args, paced),
     )
     .await
@@ -353,17 +376,23 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
     let paced = paced_creates(env, args, tag).await?;
     engine.shutdown().await?;
     let cpu1 = proc::CpuSnapshot::now();
-    let floor_closed = floor(env, args, false).await?;
+    let floor_closed = floor(env, args, false, false).await?;
     let floor_cpu = proc::CpuSnapshot::since(&cpu1);
     let floor_paced = paced_floor(env, args).await?;
+    let cpu2 = proc::CpuSnapshot::now();
+    let commit_closed = floor(env, args, true, false).await?;
+    let commit_cpu = proc::CpuSnapshot::since(&cpu2);
+    let commit_paced = paced_commit_floor(env, args).await?;
     let pace = format!("paced {:.0}/s", args.create_rate);
     let mut rows = vec![
         ("create latency".to_string(), &lat),
         ("floor: no-op reply".to_string(), &floor_closed),
+        ("floor: reply after a commit".to_string(), &commit_closed),
     ];
-    if let (Some(p), Some(f)) = (&paced, &floor_paced) {
+    if let (Some(p), Some(f), Some(c)) = (&paced, &floor_paced, &commit_paced) {
         rows.push((format!("create latency, {pace}"), p));
         rows.push((format!("floor, {pace}"), f));
+        rows.push((format!("commit floor, {pace}"), c));
     }
     for (label, l) in rows {
         println!(
@@ -381,6 +410,10 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
         "cpu µs per no-op request (the same requesters):          {}",
         floor_cpu.micros_per(floor_closed.0.len() as f64)
     );
+    println!(
+        "cpu µs per request with a commit (the same requesters):  {}",
+        commit_cpu.micros_per(commit_closed.0.len() as f64)
+    );
     // Little's law: a closed loop holds `requesters` requests at once, so their mean
     // latency is requesters ÷ throughput, and throughput is at most cores ÷ CPU per request.
     let bound = |cpu: &proc::CpuSnapshot, l: &create_latency::Latencies| {
@@ -392,10 +425,11 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
         )
     };
     println!(
-        "back to back, requesters x cpu per request / {} cores bounds the mean: create {}; no-op {}",
+        "back to back, requesters x cpu per request / {} cores bounds the mean: create {}; no-op {}; commit {}",
         cores(),
         bound(&cpu, &lat),
-        bound(&floor_cpu, &floor_closed)
+        bound(&floor_cpu, &floor_closed),
+        bound(&commit_cpu, &commit_closed)
     );
     Ok(())
 }
@@ -478,8 +512,10 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
     let lat_api = create_latency::run(&env.nats, &env.subjects(), "api", load(args, false)).await?;
     let lat_api_paced = paced_creates(env, args, "api").await?;
     engine.shutdown().await?;
-    let lat_floor = floor(env, args, false).await?;
+    let lat_floor = floor(env, args, false, false).await?;
     let lat_floor_paced = paced_floor(env, args).await?;
+    let lat_commit_floor = floor(env, args, true, false).await?;
+    let lat_commit_floor_paced = paced_commit_floor(env, args).await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
@@ -494,6 +530,8 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
         lat_api_paced,
         lat_floor,
         lat_floor_paced,
+        lat_commit_floor,
+        lat_commit_floor_paced,
         ceil,
     })
 }
