@@ -112,14 +112,20 @@ pub async fn floor(
             let responder = responder.clone();
             let commits = commits.clone();
             tokio::spawn(async move {
-                let mut ok = serde_json::from_slice::<serde_json::Value>(&msg.payload).is_ok();
+                let ok = serde_json::from_slice::<serde_json::Value>(&msg.payload).is_ok();
+                let mut body: bytes::Bytes =
+                    br#"{"ok":true,"campaign_id":0,"duplicate":false}"#.as_slice().into();
                 if let (Some(commits), true) = (commits, ok) {
-                    let body = String::from_utf8_lossy(&msg.payload).into_owned();
-                    ok = commits.call(body).await.is_ok();
+                    let row = String::from_utf8_lossy(&msg.payload).into_owned();
+                    if let Err(e) = commits.call(row).await {
+                        // The requester fails with this, rather than waiting for a timeout.
+                        let error =
+                            serde_json::json!({"ok": false, "error": format!("commit floor: {e}")});
+                        body = error.to_string().into();
+                    }
                 }
                 if let (Some(reply), true) = (msg.reply, ok) {
-                    let body = br#"{"ok":true,"campaign_id":0,"duplicate":false}"#;
-                    let _ = responder.publish(reply, body.as_slice().into()).await;
+                    let _ = responder.publish(reply, body).await;
                 }
             });
         }
