@@ -243,26 +243,17 @@ async fn paced_creates(
     Ok(Some(lat))
 }
 
-/// The paced no-op floor, or None when `--create-rate` is 0.
+/// The paced no-op floor (or, with `commit`, the paced commit floor), or None when
+/// `--create-rate` is 0.
 async fn paced_floor(
     env: &TestEnv,
     args: &Args,
+    commit: bool,
 ) -> anyhow::Result<Option<create_latency::Latencies>> {
     if args.create_rate <= 0.0 {
         return Ok(None);
     }
-    Ok(Some(floor(env, args, false, true).await?))
-}
-
-/// The paced commit floor, or None when `--create-rate` is 0.
-async fn paced_commit_floor(
-    env: &TestEnv,
-    args: &Args,
-) -> anyhow::Result<Option<create_latency::Latencies>> {
-    if args.create_rate <= 0.0 {
-        return Ok(None);
-    }
-    Ok(Some(floor(env, args, true, true).await?))
+    Ok(Some(floor(env, args, commit, true).await?))
 }
 
 /// The create-latency requesters against a responder that only replies (the request/reply
@@ -378,11 +369,11 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
     let cpu1 = proc::CpuSnapshot::now();
     let floor_closed = floor(env, args, false, false).await?;
     let floor_cpu = proc::CpuSnapshot::since(&cpu1);
-    let floor_paced = paced_floor(env, args).await?;
+    let floor_paced = paced_floor(env, args, false).await?;
     let cpu2 = proc::CpuSnapshot::now();
     let commit_closed = floor(env, args, true, false).await?;
     let commit_cpu = proc::CpuSnapshot::since(&cpu2);
-    let commit_paced = paced_commit_floor(env, args).await?;
+    let commit_paced = paced_floor(env, args, true).await?;
     let pace = format!("paced {:.0}/s", args.create_rate);
     let mut rows = vec![
         ("create latency".to_string(), &lat),
@@ -513,9 +504,9 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
     let lat_api_paced = paced_creates(env, args, "api").await?;
     engine.shutdown().await?;
     let lat_floor = floor(env, args, false, false).await?;
-    let lat_floor_paced = paced_floor(env, args).await?;
+    let lat_floor_paced = paced_floor(env, args, false).await?;
     let lat_commit_floor = floor(env, args, true, false).await?;
-    let lat_commit_floor_paced = paced_commit_floor(env, args).await?;
+    let lat_commit_floor_paced = paced_floor(env, args, true).await?;
 
     eprintln!("ceiling: raw JetStream publish + consume ...");
     let ceil = ceiling::run(&env.nats, &env.prefix, args.users).await?;
