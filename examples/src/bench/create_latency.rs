@@ -166,7 +166,8 @@ async fn commit_batcher(
     connections: u32,
 ) -> anyhow::Result<herald_engine::actors::batcher::Batcher<String, ()>> {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
-    let db = herald_engine::engine::connect_db(url, connections.max(1)).await?;
+    let connections = connections.max(1);
+    let db = herald_engine::engine::connect_db(url, connections).await?;
     db.execute_unprepared(
         "CREATE TABLE IF NOT EXISTS bench_commit_floor (id bigserial PRIMARY KEY, body text NOT NULL)",
     )
@@ -174,7 +175,7 @@ async fn commit_batcher(
     let batcher = herald_engine::actors::batcher::Batcher::start(
         MAX_GROUP * 8,
         MAX_GROUP,
-        connections.max(1) as usize,
+        connections as usize,
         move |bodies: Vec<String>| {
             let db = db.clone();
             async move {
