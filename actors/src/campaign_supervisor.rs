@@ -1,7 +1,13 @@
-//! One campaign on one node: spawns the push sender (or, for an eager coupon, the coupon
-//! issuer), bucket expander and sharder (downstream first), restarts a failed child up to a limit, and checks the campaign's
-//! records for completion. Every node runs a supervisor per active campaign; their workers
-//! share the stage consumers, and whichever node sees completion first records it.
+//! One campaign on one node: once a sharder has found the campaign's audience not empty
+//! (status `running`, and no bucket count of 0), spawns the push sender (or, for an eager coupon, the coupon issuer) and the bucket
+//! expander (downstream first), restarts a failed child up to a limit, and checks the
+//! campaign's records for completion. Every node runs a supervisor per active campaign; their
+//! workers share the stage consumers, and whichever node sees completion first records it.
+//!
+//! The stages start only when there is work for them: a campaign whose audience is empty is
+//! completed without a consumer ever being created for it, which is what lets a node keep up
+//! with a burst of creates (a file-stored consumer costs the server about 1 ms of CPU to
+//! create and delete; BENCHMARKS.md, "Campaign startup").
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -15,7 +21,6 @@ use crate::{
     context::Shared,
     coupons::issuer_stage::CouponIssuer,
     push_sender::PushSender,
-    sharder::Sharder,
     stage::{durable_name, Stage, StageArgs, StageWorker},
     store::Campaign,
 };
@@ -42,7 +47,6 @@ pub enum SupervisorMsg {
 enum Child {
     Sender,
     Expander,
-    Sharder,
 }
 
 /// Supervisor state.
@@ -52,6 +56,8 @@ pub struct SupervisorState {
     children: HashMap<ActorId, Child>,
     restarts: HashMap<Child, u32>,
     missing: Vec<Child>,
+    /// The stages have been spawned (once the campaign had buckets).
+    started: bool,
     ticker: Option<JoinHandle<()>>,
     listener: Option<JoinHandle<()>>,
     stopping: bool,
@@ -80,10 +86,6 @@ impl CampaignSupervisor {
                 let stage = BucketExpander::new(shared.clone(), campaign.clone());
                 spawn_stage(stage, shared, campaign, cell).await?
             }
-            Child::Sharder => {
-                let stage = Sharder::new(shared.clone(), campaign.id, campaign.epoch);
-                spawn_stage(stage, shared, campaign, cell).await?
-            }
         };
         state.children.insert(actor.get_id(), child);
         Ok(())
@@ -101,23 +103,41 @@ impl CampaignSupervisor {
         }
     }
 
+    /// Spawns the stages once the campaign has buckets to expand. The sharder marks a
+    /// campaign running before it publishes buckets, except when it has none.
+    async fn start_stages(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        status: CampaignState,
+        buckets_total: Option<i64>,
+    ) {
+        if state.started || status != CampaignState::Running || buckets_total == Some(0) {
+            return;
+        }
+        state.started = true;
+        state.missing.extend([Child::Sender, Child::Expander]);
+        Self::spawn_missing(myself, state).await;
+    }
+
     async fn check_progress(
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        let store = &state.shared.store;
         let id = state.campaign.id;
-        let Some(campaign) = store.campaign(id).await? else {
+        let Some(campaign) = state.shared.store.campaign(id).await? else {
             myself.stop(Some("campaign deleted".into()));
             return Ok(());
         };
         if campaign.status.is_final() {
+            state.delete_consumers = state.started;
             myself.stop(Some(format!("campaign {}", campaign.status.as_str())));
             return Ok(());
         }
+        Self::start_stages(myself, state, campaign.status, campaign.buckets_total).await;
         let Some(total) = campaign.buckets_total else {
             return Ok(());
         };
+        let store = &state.shared.store;
         let p = store.progress(id).await?;
         if !p.is_complete(total) {
             return Ok(());
@@ -134,9 +154,10 @@ impl CampaignSupervisor {
                 failed = p.failed,
                 "campaign completed"
             );
-            // Deleted once the children have stopped pulling from them (post_stop).
-            state.delete_consumers = true;
         }
+        // Deleted once the children have stopped pulling from them (post_stop), by every
+        // node that created them: one that started late may have re-created them.
+        state.delete_consumers = state.started;
         myself.stop(Some("campaign completed".into()));
         Ok(())
     }
@@ -151,7 +172,6 @@ impl CampaignSupervisor {
             PushSender::NAME
         };
         for (stream, name) in [
-            (s.campaigns_stream(), Sharder::NAME),
             (s.buckets_stream(), BucketExpander::NAME),
             (s.push_stream(), last),
         ] {
@@ -238,30 +258,39 @@ impl Actor for CampaignSupervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        let campaign = args
-            .shared
-            .store
-            .campaign(args.campaign_id)
-            .await?
-            .ok_or_else(|| format!("campaign {} not found", args.campaign_id))?;
-        if campaign.status.is_final() {
-            return Err(format!("campaign {} is {}", campaign.id, campaign.status.as_str()).into());
-        }
-        // Listening before the stages start, so no completion notice is missed.
-        let listener =
-            listen_for_completion(&myself, args.shared.maybe_complete.subscribe(), campaign.id);
+        // Listening before the campaign is read, so a notice that it was sharded meanwhile
+        // is not missed.
+        let listener = listen_for_completion(
+            &myself,
+            args.shared.maybe_complete.subscribe(),
+            args.campaign_id,
+        );
+        let campaign = match args.shared.store.campaign(args.campaign_id).await {
+            Ok(Some(c)) if !c.status.is_final() => c,
+            found => {
+                listener.abort();
+                return Err(match found {
+                    Ok(Some(c)) => format!("campaign {} is {}", c.id, c.status.as_str()),
+                    Ok(None) => format!("campaign {} not found", args.campaign_id),
+                    Err(e) => e.to_string(),
+                }
+                .into());
+            }
+        };
+        let (status, buckets_total) = (campaign.status, campaign.buckets_total);
         let mut state = SupervisorState {
             shared: args.shared.clone(),
             campaign: Arc::new(campaign),
             children: HashMap::new(),
             restarts: HashMap::new(),
-            missing: vec![Child::Sender, Child::Expander, Child::Sharder],
+            missing: Vec::new(),
+            started: false,
             ticker: None,
             listener: Some(listener),
             stopping: false,
             delete_consumers: false,
         };
-        Self::spawn_missing(&myself, &mut state).await;
+        Self::start_stages(&myself, &mut state, status, buckets_total).await;
         if state.campaign.status == CampaignState::Pending {
             // The API announces a new campaign; announce again in case that publish was lost.
             let topo = &args.shared.topology;
@@ -317,6 +346,7 @@ impl Actor for CampaignSupervisor {
         // consumers: then stop, rather than re-create a consumer nobody will clean up.
         match state.shared.store.campaign(state.campaign.id).await {
             Ok(Some(c)) if c.status.is_final() => {
+                state.delete_consumers = true;
                 myself.stop(Some(format!("campaign {}", c.status.as_str())));
                 return Ok(());
             }

@@ -66,7 +66,7 @@ pub struct PipelineSettings {
     pub publish_max_messages: usize,
     /// Bytes per publish batch.
     pub publish_max_bytes: usize,
-    /// Sharder stage.
+    /// Sharder: one consumer for every campaign; `concurrency` counts batches of campaigns.
     pub shard: StageSettings,
     /// Bucket expander stage.
     pub expand: StageSettings,
@@ -113,7 +113,9 @@ impl Default for PipelineSettings {
             publish_max_messages: 100,
             publish_max_bytes: 800 * 1024,
             shard: StageSettings {
-                concurrency: 1,
+                // Batches of up to 16 campaigns each; one big audience's sharding holds up
+                // only its own batch.
+                concurrency: 4,
                 ..stage.clone()
             },
             expand: stage.clone(),

@@ -1,5 +1,6 @@
-//! The root actor of a node: runs one campaign supervisor per active campaign, and the event
-//! workers (login coupon issuer, coupon releaser). It learns of
+//! The root actor of a node: runs one campaign supervisor per active campaign, and the
+//! node-level workers on shared consumers (the sharder, the login coupon issuer, the coupon
+//! releaser). It learns of
 //! new campaigns from the `CampaignCreated` subject (a plain subscription: every node must
 //! hear every campaign) and, so nothing is missed while it was down or disconnected, from a
 //! periodic scan of the database for campaigns that are not final.
@@ -16,6 +17,7 @@ use crate::{
     context::Shared,
     coupons::{login_issuer::LoginIssuer, releaser::CouponReleaser},
     event_worker::{EventHandler, EventWorker},
+    sharder::Sharder,
 };
 
 /// How often the root looks for campaigns it is not running yet.
@@ -45,9 +47,11 @@ pub struct RootState {
 }
 
 impl EngineRoot {
-    /// Starts the event workers that are not running; a failure is retried on the next scan.
+    /// Starts the node-level workers that are not running; a failure is retried on the next
+    /// scan.
     async fn ensure_events(myself: &ActorRef<RootMsg>, state: &mut RootState) {
         let shared = state.shared.clone();
+        Self::ensure_event(myself, state, Arc::new(Sharder::new(shared.clone()))).await;
         Self::ensure_event(myself, state, Arc::new(LoginIssuer::new(shared.clone()))).await;
         Self::ensure_event(myself, state, Arc::new(CouponReleaser::new(shared))).await;
     }

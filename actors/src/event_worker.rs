@@ -1,7 +1,8 @@
-//! The actor that runs one event handler on this node: it binds the handler's durable
-//! consumer on the events stream (shared by every node, so each event is handled once) and
-//! runs the batch consume loop as a task, plus the handler's periodic `tick`. If the loop
-//! ends on its own the actor fails; the engine root starts it again on its next scan.
+//! The actor that runs one node-level handler: it binds the handler's durable consumer
+//! (shared by every node, so each message is handled once; on the events stream unless the
+//! handler names another, as the sharder does with the campaigns stream) and runs the batch
+//! consume loop as a task, plus the handler's periodic `tick`. If the loop ends on its own
+//! the actor fails; the engine root starts it again on its next scan.
 
 use std::{marker::PhantomData, sync::Arc};
 
@@ -12,7 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::Shared;
+use crate::context::{Shared, StageSettings};
 
 /// One kind of event and what to do with a batch of them.
 #[async_trait]
@@ -22,6 +23,21 @@ pub trait EventHandler: Send + Sync + 'static {
 
     /// The event subject.
     fn subject(subjects: &Subjects) -> String;
+
+    /// The stream the subject is on.
+    fn stream(subjects: &Subjects) -> String {
+        subjects.events_stream()
+    }
+
+    /// How the consumer retries and how many batches run at once.
+    fn settings(shared: &Shared) -> &StageSettings {
+        &shared.settings.events
+    }
+
+    /// Most messages per batch.
+    fn batch_size(shared: &Shared) -> usize {
+        shared.settings.event_batch_size
+    }
 
     /// Handles a batch; one outcome per delivery, in order.
     async fn handle(&self, batch: Vec<Delivery>) -> Vec<Outcome>;
@@ -70,10 +86,10 @@ impl<H: EventHandler> Actor for EventWorker<H> {
         (shared, handler): (Arc<Shared>, Arc<H>),
     ) -> Result<EventState, ActorProcessingErr> {
         let subjects = shared.topology.subjects().clone();
-        let settings = shared.settings.events.clone();
+        let settings = H::settings(&shared).clone();
         let spec = settings.consumer(
             event_durable(subjects.prefix(), H::NAME),
-            subjects.events_stream(),
+            H::stream(&subjects),
             H::subject(&subjects),
         );
         let consumer = shared.topology.stage_consumer(&spec).await?;
@@ -95,7 +111,7 @@ impl<H: EventHandler> Actor for EventWorker<H> {
         };
         let batch = BatchSettings {
             consume: settings.consume(),
-            batch_size: shared.settings.event_batch_size,
+            batch_size: H::batch_size(&shared),
         };
         let js = shared.topology.js().clone();
         let loop_stop = stop.clone();

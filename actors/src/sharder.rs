@@ -1,65 +1,110 @@
-//! The sharder stage: turns a campaign's `CampaignCreated` into one `BucketTask` per
-//! `bucket_size` user ids (rounded up to whole lease blocks) between the audience's id
-//! bounds, published in batches of at most `publish_max_messages` messages and
-//! `publish_max_bytes` bytes, then records the bucket count. Re-sharding after a crash re-publishes the same message ids, which the server drops
-//! inside its dedupe window and the later stages skip after it.
+//! The sharder: one handler per node on a consumer all nodes share, for every campaign. It
+//! turns a campaign's `CampaignCreated` into one `BucketTask` per `bucket_size` user ids
+//! (rounded up to whole lease blocks) between the audience's id bounds, published in batches
+//! of at most `publish_max_messages` messages and `publish_max_bytes` bytes, then records the
+//! bucket count. Re-sharding after a crash re-publishes the same message ids, which the server
+//! drops inside its dedupe window and the later stages skip after it.
+//!
+//! Sharding is one message per campaign, so unlike the expander and the sender it needs no
+//! consumer of its own per campaign: a campaign whose audience is empty is done without any
+//! consumer being created for it (see `campaign_supervisor`).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::future::join_all;
 use herald_nats::{publish_all, Delivery, Outcome, Outgoing};
 use herald_schemas::{decode, encode, BucketTask, CampaignCreated, Subjects};
 
 use crate::{
     context::{Shared, StageSettings},
+    event_worker::EventHandler,
     markers::BLOCK_IDS,
-    stage::Stage,
 };
 
-/// Shards one campaign.
+/// Campaigns sharded together in one batch (each on its own, concurrently).
+const SHARD_BATCH: usize = 16;
+
+/// Shards the campaigns announced on the campaigns stream.
 pub struct Sharder {
     shared: Arc<Shared>,
-    campaign_id: i64,
-    epoch: i64,
 }
 
 impl Sharder {
-    /// The sharder of the campaign `campaign_id` created at `epoch`.
-    pub fn new(shared: Arc<Shared>, campaign_id: i64, epoch: i64) -> Self {
-        Self {
-            shared,
-            campaign_id,
-            epoch,
+    /// The sharder of this node.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    async fn one(&self, d: &Delivery) -> Outcome {
+        let created: CampaignCreated = match decode(&d.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                return Outcome::Reject {
+                    reason: format!("undecodable CampaignCreated: {e}"),
+                }
+            }
+        };
+        let on_subject = d.subject.rsplit('.').next().and_then(|s| s.parse::<i64>().ok());
+        if on_subject != Some(created.campaign_id) {
+            return Outcome::Reject {
+                reason: format!(
+                    "campaign id {} on the subject {}",
+                    created.campaign_id, d.subject
+                ),
+            };
+        }
+        let campaign_id = created.campaign_id;
+        match self.shard(created).await {
+            Ok(()) => Outcome::Done,
+            Err(reason) => {
+                tracing::warn!(campaign_id, reason = %reason, "sharding failed");
+                Outcome::retry(reason)
+            }
         }
     }
 
     async fn shard(&self, created: CampaignCreated) -> Result<(), String> {
         let store = &self.shared.store;
-        let Some(campaign) = store.campaign(created.campaign_id).await.map_err(db)? else {
-            return Err(format!("campaign {} not found", created.campaign_id));
+        let id = created.campaign_id;
+        let Some(campaign) = store.campaign(id).await.map_err(db)? else {
+            // The API commits the row before it announces, so this is an announcement of a
+            // database that was since recreated: nothing to do.
+            tracing::debug!(campaign_id = id, "CampaignCreated of an unknown campaign skipped");
+            return Ok(());
         };
+        if campaign.epoch != created.epoch {
+            // An older campaign that had the same id: not this one, nothing to do.
+            tracing::debug!(campaign_id = id, epoch = created.epoch, "stale CampaignCreated skipped");
+            return Ok(());
+        }
         if campaign.status.is_final() || campaign.buckets_total.is_some() {
             return Ok(()); // a duplicate CampaignCreated: already sharded
         }
-        store
-            .set_running(campaign.id, chrono::Utc::now())
-            .await
-            .map_err(db)?;
         let settings = &self.shared.settings;
-        let buckets = match store
+        let bounds = store
             .audience_bounds(&campaign.audience)
             .await
-            .map_err(db)?
-        {
+            .map_err(db)?;
+        let buckets = match bounds {
+            // Nobody to send to: `set_sharded` below marks it running and sharded at once,
+            // so no supervisor starts stages for it.
             None => 0,
             Some((lo, hi)) => {
+                store
+                    .set_running(campaign.id, chrono::Utc::now())
+                    .await
+                    .map_err(db)?;
+                // The supervisor here starts the later stages now, so they expand the first
+                // buckets while the rest are still being published.
+                let _ = self.shared.maybe_complete.send(campaign.id);
                 let tasks: Vec<BucketTask> =
                     bucket_tasks(campaign.id, lo, hi, settings.bucket_size)
                         .into_iter()
                         .map(|t| t.with_epoch(campaign.epoch))
                         .collect();
                 let n = tasks.len() as i64;
-                self.publish(tasks).await?;
+                self.publish(campaign.id, tasks).await?;
                 n
             }
         };
@@ -74,9 +119,9 @@ impl Sharder {
         Ok(())
     }
 
-    async fn publish(&self, tasks: Vec<BucketTask>) -> Result<(), String> {
+    async fn publish(&self, campaign_id: i64, tasks: Vec<BucketTask>) -> Result<(), String> {
         let settings = &self.shared.settings;
-        let subject = self.shared.topology.subjects().bucket(self.campaign_id);
+        let subject = self.shared.topology.subjects().bucket(campaign_id);
         let mut batch: Vec<Outgoing> = Vec::with_capacity(settings.publish_max_messages);
         let mut bytes = 0;
         for task in tasks {
@@ -169,54 +214,27 @@ pub fn bucket_tasks(campaign_id: i64, lo: i64, hi: i64, size: i64) -> Vec<Bucket
 }
 
 #[async_trait]
-impl Stage for Sharder {
+impl EventHandler for Sharder {
     const NAME: &'static str = "shard";
 
-    fn settings(shared: &Shared) -> &StageSettings {
-        &shared.settings.shard
+    fn subject(subjects: &Subjects) -> String {
+        subjects.campaign_created_all()
     }
 
     fn stream(subjects: &Subjects) -> String {
         subjects.campaigns_stream()
     }
 
-    fn filter(subjects: &Subjects, campaign_id: i64) -> String {
-        subjects.campaign_created(campaign_id)
+    fn settings(shared: &Shared) -> &StageSettings {
+        &shared.settings.shard
     }
 
-    async fn handle(&self, d: Delivery) -> Outcome {
-        let created: CampaignCreated = match decode(&d.payload) {
-            Ok(c) => c,
-            Err(e) => {
-                return Outcome::Reject {
-                    reason: format!("undecodable CampaignCreated: {e}"),
-                }
-            }
-        };
-        if created.epoch != self.epoch {
-            // An older campaign that had the same id: not ours, nothing to do.
-            tracing::debug!(
-                campaign_id = self.campaign_id,
-                epoch = created.epoch,
-                "stale CampaignCreated skipped"
-            );
-            return Outcome::Done;
-        }
-        if created.campaign_id != self.campaign_id {
-            return Outcome::Reject {
-                reason: format!(
-                    "campaign id {} on the subject of {}",
-                    created.campaign_id, self.campaign_id
-                ),
-            };
-        }
-        match self.shard(created).await {
-            Ok(()) => Outcome::Done,
-            Err(reason) => {
-                tracing::warn!(campaign_id = self.campaign_id, reason = %reason, "sharding failed");
-                Outcome::retry(reason)
-            }
-        }
+    fn batch_size(_shared: &Shared) -> usize {
+        SHARD_BATCH
+    }
+
+    async fn handle(&self, batch: Vec<Delivery>) -> Vec<Outcome> {
+        join_all(batch.iter().map(|d| self.one(d))).await
     }
 }
 

@@ -162,7 +162,8 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
-    /// Messages one node handles at once for one campaign.
+    /// Messages one node handles at once for one campaign (for `shard`, which serves every
+    /// campaign: batches of up to 16 new campaigns; for `events`: event batches).
     pub concurrency: usize,
     /// Seconds without an ack or progress before redelivery.
     pub ack_wait_secs: u64,
@@ -229,7 +230,7 @@ pub struct PipelineConfig {
     pub progress_interval_ms: u64,
     /// Restarts of one stage per campaign before the campaign fails.
     pub max_restarts: u32,
-    /// Sharder stage.
+    /// Sharder: one consumer on the campaigns stream for every campaign.
     pub shard: StageConfig,
     /// Bucket expander stage.
     pub expand: StageConfig,

@@ -6,7 +6,9 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use herald_engine::{
     config::Config,
     providers::{Ledger, ProviderConfig, SimulatedConfig, SimulatedProvider},
-    schemas::{decode, Audience, CampaignState, CreateCampaignRequest, DeadLetter},
+    schemas::{
+        decode, Audience, CampaignState, CreateCampaignRequest, DeadLetter, SegmentFilter,
+    },
     testkit::{promotion, wait_until, SinkConfig, TestEnv, WebhookSink},
     Engine,
 };
@@ -421,6 +423,61 @@ async fn an_engine_dropped_mid_campaign_stops_sending_and_loses_nothing() {
     .await;
 }
 
+/// Regression: every campaign used to create (and later delete) three consumers on every
+/// node, an empty audience too, which held a node to 50-165 new campaigns a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_audience_completes_without_consumers_of_its_own() {
+    let env = TestEnv::new("emptyaud").await.unwrap();
+    env.run_test(async {
+        use futures::StreamExt;
+        env.seed(2_000).await.unwrap();
+        // The server announces every consumer it creates on these streams.
+        let s = env.subjects();
+        let mut created = Vec::new();
+        for stream in [s.campaigns_stream(), s.buckets_stream(), s.push_stream()] {
+            let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.CREATED.{stream}.*");
+            created.push(env.nats.subscribe(subject).await.unwrap());
+        }
+        let mut created = futures::stream::select_all(created);
+        env.nats.flush().await.unwrap();
+        let (engine, ledger) = start_simulated(&env, 0).await;
+
+        let mut nobody = promo("nobody");
+        nobody.audience = Audience::Segment(SegmentFilter {
+            min_points: Some(1_000_000_000),
+            ..Default::default()
+        });
+        let empty = env.create(&nobody).await.unwrap().unwrap();
+        let s_empty = env.wait_completed(empty.campaign_id, LONG).await.unwrap();
+        assert_eq!((s_empty.buckets_total, s_empty.recipients), (0, 0));
+        // A campaign with an audience gets its stages, so the advisories are seen.
+        let all = env.create(&promo("everyone")).await.unwrap().unwrap();
+        env.wait_completed(all.campaign_id, LONG).await.unwrap();
+        assert_eq!(ledger.total(), 2_000);
+
+        let mut names = Vec::new();
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(500), created.next()).await
+        {
+            names.push(msg.subject.rsplit('.').next().unwrap_or_default().to_string());
+        }
+        let p = s.prefix().replace('.', "_");
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                format!("{p}_expand_{}", all.campaign_id),
+                format!("{p}_push_{}", all.campaign_id),
+                format!("{p}_shard"),
+            ],
+            "consumers created: one sharder for the node, stages only for the campaign with users"
+        );
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_campaign_reaches_exactly_the_segment() {
     let env = TestEnv::new("segment").await.unwrap();
@@ -509,20 +566,27 @@ async fn two_nodes_share_a_campaign_and_send_once() {
             })
             .await
         );
-        // And no stage consumer is left behind on the server.
+        // And no consumer of the campaign is left behind on the server: only the sharder's,
+        // which every node shares for every campaign.
         let js = async_nats::jetstream::new(env.nats.clone());
         let subjects = env.subjects();
-        for stream in [
-            subjects.campaigns_stream(),
-            subjects.buckets_stream(),
-            subjects.push_stream(),
+        let shard = herald_actors::event_worker::event_durable(subjects.prefix(), "shard");
+        for (stream, keep) in [
+            (subjects.campaigns_stream(), vec![shard]),
+            (subjects.buckets_stream(), vec![]),
+            (subjects.push_stream(), vec![]),
         ] {
             let stream = js.get_stream(&stream).await.unwrap();
             let left = wait_until(Duration::from_secs(10), || {
-                let stream = stream.clone();
+                let (stream, keep) = (stream.clone(), keep.clone());
                 async move {
-                    use futures::StreamExt;
-                    stream.consumer_names().count().await == 0
+                    use futures::TryStreamExt;
+                    let names: Vec<String> = stream
+                        .consumer_names()
+                        .try_collect()
+                        .await
+                        .unwrap_or_default();
+                    names == keep
                 }
             })
             .await;

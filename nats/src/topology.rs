@@ -118,9 +118,11 @@ impl Topology {
         &self,
         c: &StageConsumer,
     ) -> Result<jetstream::consumer::PullConsumer, NatsError> {
+        // No STREAM.INFO: a campaign binds a consumer per stage on every node, and the
+        // consumer request itself says when the stream is missing.
         let stream = self
             .js
-            .get_stream(&c.stream)
+            .get_stream_no_info(&c.stream)
             .await
             .map_err(|e| NatsError::Topology(format!("stream {}: {e}", c.stream)))?;
         stream
