@@ -9,7 +9,11 @@
 //! with a burst of creates (a file-stored consumer costs the server about 1 ms of CPU to
 //! create and delete; BENCHMARKS.md, "Campaign startup").
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use herald_schemas::{CampaignKind, CampaignState};
@@ -24,6 +28,11 @@ use crate::{
     stage::{durable_name, Stage, StageArgs, StageWorker},
     store::Campaign,
 };
+
+/// How long a campaign may stay pending before its supervisors announce it again. The API
+/// announces each new campaign within milliseconds of its reply; announcing every campaign
+/// again at once cost a JetStream publish per campaign per node for nothing.
+const ANNOUNCE_AFTER: Duration = Duration::from_secs(5);
 
 /// The campaign supervisor actor.
 pub struct CampaignSupervisor;
@@ -58,6 +67,8 @@ pub struct SupervisorState {
     missing: Vec<Child>,
     /// The stages have been spawned (once the campaign had buckets).
     started: bool,
+    /// When this supervisor last announced the campaign again.
+    announced: Option<Instant>,
     ticker: Option<JoinHandle<()>>,
     listener: Option<JoinHandle<()>>,
     stopping: bool,
@@ -103,6 +114,26 @@ impl CampaignSupervisor {
         }
     }
 
+    /// Announces a campaign again when it has been pending longer than the API takes to
+    /// announce it, in case that publish was lost (the API's node stopped first, or NATS
+    /// refused it), and then every [`ANNOUNCE_AFTER`] while it stays pending. A repeat is
+    /// harmless: the server drops it inside its dedupe window and the sharder after it.
+    async fn announce_if_lost(state: &mut SupervisorState, status: CampaignState) {
+        let c = &state.campaign;
+        let age = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_sub(c.epoch);
+        let due = state
+            .announced
+            .is_none_or(|at| at.elapsed() >= ANNOUNCE_AFTER);
+        if status != CampaignState::Pending || age < ANNOUNCE_AFTER.as_millis() as i64 || !due {
+            return;
+        }
+        let topo = &state.shared.topology;
+        crate::sharder::announce(topo.js(), topo.subjects(), c.id, c.epoch).await;
+        state.announced = Some(Instant::now());
+    }
+
     /// Spawns the stages once the campaign has buckets to expand. The sharder marks a
     /// campaign running before it publishes buckets, except when it has none.
     async fn start_stages(
@@ -134,6 +165,7 @@ impl CampaignSupervisor {
             return Ok(());
         }
         Self::start_stages(myself, state, campaign.status, campaign.buckets_total).await;
+        Self::announce_if_lost(state, campaign.status).await;
         let Some(total) = campaign.buckets_total else {
             return Ok(());
         };
@@ -285,18 +317,14 @@ impl Actor for CampaignSupervisor {
             restarts: HashMap::new(),
             missing: Vec::new(),
             started: false,
+            announced: None,
             ticker: None,
             listener: Some(listener),
             stopping: false,
             delete_consumers: false,
         };
         Self::start_stages(&myself, &mut state, status, buckets_total).await;
-        if state.campaign.status == CampaignState::Pending {
-            // The API announces a new campaign; announce again in case that publish was lost.
-            let topo = &args.shared.topology;
-            let c = &state.campaign;
-            crate::sharder::announce(topo.js(), topo.subjects(), c.id, c.epoch).await;
-        }
+        Self::announce_if_lost(&mut state, status).await;
         let period = args.shared.settings.progress_interval;
         state.ticker = Some(myself.send_interval(period, || SupervisorMsg::Tick));
         tracing::info!(campaign_id = state.campaign.id, node = %args.shared.node_id, "campaign supervisor started");

@@ -45,7 +45,11 @@ impl Sharder {
                 }
             }
         };
-        let on_subject = d.subject.rsplit('.').next().and_then(|s| s.parse::<i64>().ok());
+        let on_subject = d
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|s| s.parse::<i64>().ok());
         if on_subject != Some(created.campaign_id) {
             return Outcome::Reject {
                 reason: format!(
@@ -70,12 +74,19 @@ impl Sharder {
         let Some(campaign) = store.campaign(id).await.map_err(db)? else {
             // The API commits the row before it announces, so this is an announcement of a
             // database that was since recreated: nothing to do.
-            tracing::debug!(campaign_id = id, "CampaignCreated of an unknown campaign skipped");
+            tracing::debug!(
+                campaign_id = id,
+                "CampaignCreated of an unknown campaign skipped"
+            );
             return Ok(());
         };
         if campaign.epoch != created.epoch {
             // An older campaign that had the same id: not this one, nothing to do.
-            tracing::debug!(campaign_id = id, epoch = created.epoch, "stale CampaignCreated skipped");
+            tracing::debug!(
+                campaign_id = id,
+                epoch = created.epoch,
+                "stale CampaignCreated skipped"
+            );
             return Ok(());
         }
         if campaign.status.is_final() || campaign.buckets_total.is_some() {
@@ -87,8 +98,8 @@ impl Sharder {
             .await
             .map_err(db)?;
         let buckets = match bounds {
-            // Nobody to send to: `set_sharded` below marks it running and sharded at once,
-            // so no supervisor starts stages for it.
+            // Nobody to send to: `set_sharded` below completes it, so no supervisor starts
+            // stages for it.
             None => 0,
             Some((lo, hi)) => {
                 store
@@ -112,9 +123,15 @@ impl Sharder {
             .set_sharded(campaign.id, buckets, chrono::Utc::now())
             .await
             .map_err(db)?;
-        // An empty audience is complete now, and a small one may have had every record in
+        // An empty audience is completed now, and a small one may have had every record in
         // before its bucket count: either way the supervisor need not wait for its tick.
         let _ = self.shared.maybe_complete.send(campaign.id);
+        if buckets == 0 {
+            tracing::info!(
+                campaign_id = campaign.id,
+                "empty audience: campaign completed"
+            );
+        }
         tracing::info!(campaign_id = campaign.id, buckets, "campaign sharded");
         Ok(())
     }

@@ -457,22 +457,36 @@ impl Store {
         Ok(b.and_then(|b| Some((b.lo?, b.hi?))))
     }
 
-    /// Records the shard count and moves the campaign to `running` (first writer wins). The
-    /// count goes on the campaign row and, in the same transaction, on its progress row.
+    /// Records the shard count and moves the campaign to `running`, or with no buckets to
+    /// `completed` (first writer wins). The count goes on the campaign row and, in the same
+    /// transaction, on its progress row.
     pub async fn set_sharded(
         &self,
         id: i64,
         buckets: i64,
         now: DateTime<Utc>,
     ) -> Result<(), DbErr> {
+        // With no buckets there is nothing to wait for: the campaign is completed here, with
+        // its counters at their default of 0, rather than by a later progress check.
+        let (status, finished_at) = if buckets == 0 {
+            (CampaignState::Completed, Some(now))
+        } else {
+            (CampaignState::Running, None)
+        };
         let txn = self.db.begin().await?;
         let first = txn
             .execute(stmt(
                 &txn,
-                "UPDATE campaign SET buckets_total = $1, status = 'running', \
-                 started_at = COALESCE(started_at, $2) \
-                 WHERE id = $3 AND buckets_total IS NULL AND status IN ('pending', 'running')",
-                vec![buckets.into(), now.into(), id.into()],
+                "UPDATE campaign SET buckets_total = $1, status = $2, \
+                 started_at = COALESCE(started_at, $3), finished_at = $4 \
+                 WHERE id = $5 AND buckets_total IS NULL AND status IN ('pending', 'running')",
+                vec![
+                    buckets.into(),
+                    status.as_str().into(),
+                    now.into(),
+                    finished_at.into(),
+                    id.into(),
+                ],
             ))
             .await?;
         if first.rows_affected() == 1 {

@@ -6,9 +6,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use herald_engine::{
     config::Config,
     providers::{Ledger, ProviderConfig, SimulatedConfig, SimulatedProvider},
-    schemas::{
-        decode, Audience, CampaignState, CreateCampaignRequest, DeadLetter, SegmentFilter,
-    },
+    schemas::{decode, Audience, CampaignState, CreateCampaignRequest, DeadLetter, SegmentFilter},
     testkit::{promotion, wait_until, SinkConfig, TestEnv, WebhookSink},
     Engine,
 };
@@ -459,7 +457,13 @@ async fn an_empty_audience_completes_without_consumers_of_its_own() {
         while let Ok(Some(msg)) =
             tokio::time::timeout(Duration::from_millis(500), created.next()).await
         {
-            names.push(msg.subject.rsplit('.').next().unwrap_or_default().to_string());
+            names.push(
+                msg.subject
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
         }
         let p = s.prefix().replace('.', "_");
         names.sort();
