@@ -327,6 +327,8 @@ impl Actor for CampaignSupervisor {
         Self::announce_if_lost(&mut state, status).await;
         let period = args.shared.settings.progress_interval;
         state.ticker = Some(myself.send_interval(period, || SupervisorMsg::Tick));
+        // A small campaign may have had every record in before this supervisor listened.
+        myself.send_message(SupervisorMsg::Tick)?;
         tracing::info!(campaign_id = state.campaign.id, node = %args.shared.node_id, "campaign supervisor started");
         Ok(state)
     }

@@ -1,9 +1,10 @@
 //! The root actor of a node: runs one campaign supervisor per active campaign, and the
 //! node-level workers on shared consumers (the sharder, the login coupon issuer, the coupon
-//! releaser). It learns of
-//! new campaigns from the `CampaignCreated` subject (a plain subscription: every node must
-//! hear every campaign) and, so nothing is missed while it was down or disconnected, from a
-//! periodic scan of the database for campaigns that are not final.
+//! releaser). It learns of campaigns to run from the sharders' `campaign.running` notices (a
+//! plain subscription: every node must hear every campaign; a campaign whose audience is
+//! empty is completed by its sharder and never needs a supervisor) and, so nothing is missed
+//! while it was down or disconnected, from a periodic scan of the database for campaigns
+//! that are not final.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -103,7 +104,7 @@ impl Actor for EngineRoot {
         myself: ActorRef<Self::Msg>,
         shared: Arc<Shared>,
     ) -> Result<RootState, ActorProcessingErr> {
-        let subject = shared.topology.subjects().campaign_created_all();
+        let subject = shared.topology.subjects().campaign_running_all();
         let mut sub = shared.nats.subscribe(subject).await?;
         herald_nats::sync_with_server(&shared.nats).await;
         let me = myself.clone();

@@ -106,8 +106,10 @@ impl Sharder {
                     .set_running(campaign.id, chrono::Utc::now())
                     .await
                     .map_err(db)?;
-                // The supervisor here starts the later stages now, so they expand the first
-                // buckets while the rest are still being published.
+                // Every node's root starts a supervisor for it, and the supervisors start the
+                // later stages now, so they expand the first buckets while the rest are still
+                // being published. A lost notice is made up by the roots' periodic scan.
+                self.announce_running(campaign.id).await;
                 let _ = self.shared.maybe_complete.send(campaign.id);
                 let tasks: Vec<BucketTask> =
                     bucket_tasks(campaign.id, lo, hi, settings.bucket_size)
@@ -134,6 +136,17 @@ impl Sharder {
         }
         tracing::info!(campaign_id = campaign.id, buckets, "campaign sharded");
         Ok(())
+    }
+
+    async fn announce_running(&self, campaign_id: i64) {
+        let subject = self
+            .shared
+            .topology
+            .subjects()
+            .campaign_running(campaign_id);
+        if let Err(e) = self.shared.nats.publish(subject, Default::default()).await {
+            tracing::warn!(campaign_id, error = %e, "announcing a running campaign failed; the nodes' scans will find it");
+        }
     }
 
     async fn publish(&self, campaign_id: i64, tasks: Vec<BucketTask>) -> Result<(), String> {

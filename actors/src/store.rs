@@ -459,7 +459,7 @@ impl Store {
 
     /// Records the shard count and moves the campaign to `running`, or with no buckets to
     /// `completed` (first writer wins). The count goes on the campaign row and, in the same
-    /// transaction, on its progress row.
+    /// statement (PostgreSQL) or transaction (SQLite), on its progress row.
     pub async fn set_sharded(
         &self,
         id: i64,
@@ -473,22 +473,30 @@ impl Store {
         } else {
             (CampaignState::Running, None)
         };
+        const UPDATE: &str = "UPDATE campaign SET buckets_total = $1, status = $2, \
+             started_at = COALESCE(started_at, $3), finished_at = $4 \
+             WHERE id = $5 AND buckets_total IS NULL AND status IN ('pending', 'running')";
+        let values = vec![
+            buckets.into(),
+            status.as_str().into(),
+            now.into(),
+            finished_at.into(),
+            id.into(),
+        ];
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            // One statement, so one round trip and no BEGIN / COMMIT of its own: a burst of
+            // new campaigns runs this once each.
+            let sql = format!(
+                "WITH c AS ({UPDATE} RETURNING id, buckets_total) \
+                 INSERT INTO campaign_progress (campaign_id, buckets_total) \
+                 SELECT id, buckets_total FROM c \
+                 ON CONFLICT (campaign_id) DO UPDATE SET buckets_total = excluded.buckets_total"
+            );
+            self.db.execute(stmt(&self.db, &sql, values)).await?;
+            return Ok(());
+        }
         let txn = self.db.begin().await?;
-        let first = txn
-            .execute(stmt(
-                &txn,
-                "UPDATE campaign SET buckets_total = $1, status = $2, \
-                 started_at = COALESCE(started_at, $3), finished_at = $4 \
-                 WHERE id = $5 AND buckets_total IS NULL AND status IN ('pending', 'running')",
-                vec![
-                    buckets.into(),
-                    status.as_str().into(),
-                    now.into(),
-                    finished_at.into(),
-                    id.into(),
-                ],
-            ))
-            .await?;
+        let first = txn.execute(stmt(&txn, UPDATE, values)).await?;
         if first.rows_affected() == 1 {
             txn.execute(stmt(
                 &txn,

@@ -286,6 +286,55 @@ async fn completion_on(db: DatabaseConnection) {
     );
 }
 
+/// Sharding records the bucket count once (the first writer wins) and moves the campaign to
+/// running; with no buckets it completes the campaign in the same step, so nothing waits
+/// for a progress check.
+async fn sharding_on(db: DatabaseConnection) {
+    herald_engine::engine::migrate(&db).await.unwrap();
+    let store = Store::new(db.clone());
+    let (empty, _) = store
+        .insert_campaign(&campaign("empty"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    let (some, _) = store
+        .insert_campaign(&campaign("some"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    store.set_sharded(empty, 0, Utc::now()).await.unwrap();
+    store.set_sharded(some, 3, Utc::now()).await.unwrap();
+    store.set_sharded(some, 5, Utc::now()).await.unwrap();
+
+    let e = store.status(empty).await.unwrap().unwrap();
+    assert_eq!((e.status.as_str(), e.buckets_total), ("completed", Some(0)));
+    assert!(e.started_at.is_some() && e.finished_at.is_some());
+    assert_eq!((e.recipients, e.sent, e.skipped, e.failed), (0, 0, 0, 0));
+    let s = store.status(some).await.unwrap().unwrap();
+    assert_eq!((s.status.as_str(), s.buckets_total), ("running", Some(3)));
+    assert!(s.started_at.is_some() && s.finished_at.is_none());
+    // The count is on the progress row too: the last bucket's record completes it.
+    let done = store
+        .record_buckets(&[BucketRecord {
+            campaign_id: some,
+            bucket: 0,
+            parts: 0,
+            recipients: 0,
+            done_at: Utc::now(),
+        }])
+        .await
+        .unwrap();
+    assert!(done.is_empty(), "one bucket of three is not complete");
+}
+
+#[tokio::test]
+async fn sharding_completes_an_empty_audience_on_sqlite() {
+    sharding_on(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn sharding_completes_an_empty_audience_on_postgres() {
+    on_postgres("storesharding", sharding_on).await;
+}
+
 /// An in-memory SQLite database, one connection.
 async fn sqlite() -> DatabaseConnection {
     herald_engine::engine::connect_db("sqlite::memory:", 1)

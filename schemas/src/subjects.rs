@@ -95,6 +95,17 @@ impl Subjects {
         format!("{}.campaign.created.*", self.prefix)
     }
 
+    /// Subject (core NATS, not on a stream) on which a sharder says that a campaign has an
+    /// audience and its stages should start; every node's engine root listens.
+    pub fn campaign_running(&self, campaign_id: i64) -> String {
+        format!("{}.campaign.running.{campaign_id}", self.prefix)
+    }
+
+    /// Wildcard over all `campaign_running` subjects.
+    pub fn campaign_running_all(&self) -> String {
+        format!("{}.campaign.running.*", self.prefix)
+    }
+
     /// Stream of `BucketTask` messages.
     pub fn buckets_stream(&self) -> String {
         self.stream("BUCKETS")
@@ -157,6 +168,9 @@ mod tests {
         assert!(s.push_stream().starts_with(&s.stream_prefix()));
         assert_eq!(s.stream("BASELINE"), "T_1_BASELINE");
         assert_eq!(s.push(42), "t-1.push.42");
+        assert_eq!(s.campaign_running(42), "t-1.campaign.running.42");
+        // Not captured by the campaigns stream, which holds `campaign.created.*` only.
+        assert!(!s.campaign_running(42).starts_with("t-1.campaign.created."));
         assert_eq!(s.api_campaign_create(), "t-1.api.campaign.create");
     }
 }
