@@ -20,6 +20,7 @@ use crate::{
     context::{Shared, StageSettings},
     event_worker::EventHandler,
     markers::BLOCK_IDS,
+    store::Campaign,
 };
 
 /// Campaigns sharded together in one batch (each on its own, concurrently).
@@ -36,106 +37,168 @@ impl Sharder {
         Self { shared }
     }
 
-    async fn one(&self, d: &Delivery) -> Outcome {
-        let created: CampaignCreated = match decode(&d.payload) {
-            Ok(c) => c,
-            Err(e) => {
-                return Outcome::Reject {
-                    reason: format!("undecodable CampaignCreated: {e}"),
-                }
-            }
-        };
+    /// The campaign a delivery announces, or why it is rejected.
+    fn parse(d: &Delivery) -> Result<CampaignCreated, Outcome> {
+        let created: CampaignCreated = decode(&d.payload).map_err(|e| Outcome::Reject {
+            reason: format!("undecodable CampaignCreated: {e}"),
+        })?;
         let on_subject = d
             .subject
             .rsplit('.')
             .next()
             .and_then(|s| s.parse::<i64>().ok());
         if on_subject != Some(created.campaign_id) {
-            return Outcome::Reject {
+            return Err(Outcome::Reject {
                 reason: format!(
                     "campaign id {} on the subject {}",
                     created.campaign_id, d.subject
                 ),
-            };
+            });
         }
-        let campaign_id = created.campaign_id;
-        match self.shard(created).await {
-            Ok(()) => Outcome::Done,
-            Err(reason) => {
-                tracing::warn!(campaign_id, reason = %reason, "sharding failed");
-                Outcome::retry(reason)
-            }
-        }
+        Ok(created)
     }
 
-    async fn shard(&self, created: CampaignCreated) -> Result<(), String> {
+    /// Shards a batch of announcements: one read of their campaigns, the audience bounds of
+    /// each, one statement that completes those with an empty audience, and the buckets of
+    /// the rest, each on its own.
+    async fn shard_batch(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let store = &self.shared.store;
-        let id = created.campaign_id;
-        let Some(campaign) = store.campaign(id).await.map_err(db)? else {
-            // The API commits the row before it announces, so this is an announcement of a
-            // database that was since recreated: nothing to do.
-            tracing::debug!(
-                campaign_id = id,
-                "CampaignCreated of an unknown campaign skipped"
-            );
-            return Ok(());
-        };
-        if campaign.epoch != created.epoch {
-            // An older campaign that had the same id: not this one, nothing to do.
-            tracing::debug!(
-                campaign_id = id,
-                epoch = created.epoch,
-                "stale CampaignCreated skipped"
-            );
-            return Ok(());
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
+        let mut ids = Vec::new();
+        let mut wanted: Vec<(usize, CampaignCreated)> = Vec::new();
+        for (i, d) in batch.iter().enumerate() {
+            match Self::parse(d) {
+                Ok(c) => {
+                    ids.push(c.campaign_id);
+                    wanted.push((i, c));
+                    outcomes.push(Outcome::Done);
+                }
+                Err(o) => outcomes.push(o),
+            }
         }
-        if campaign.status.is_final() || campaign.buckets_total.is_some() {
-            return Ok(()); // a duplicate CampaignCreated: already sharded
-        }
-        let settings = &self.shared.settings;
-        let bounds = store
-            .audience_bounds(&campaign.audience)
-            .await
-            .map_err(db)?;
-        let buckets = match bounds {
-            // Nobody to send to: `set_sharded` below completes it, so no supervisor starts
-            // stages for it.
-            None => 0,
-            Some((lo, hi)) => {
-                store
-                    .set_running(campaign.id, chrono::Utc::now())
-                    .await
-                    .map_err(db)?;
-                // Every node's root starts a supervisor for it, and the supervisors start the
-                // later stages now, so they expand the first buckets while the rest are still
-                // being published. A lost notice is made up by the roots' periodic scan.
-                self.announce_running(campaign.id).await;
-                let _ = self.shared.maybe_complete.send(campaign.id);
-                let tasks: Vec<BucketTask> =
-                    bucket_tasks(campaign.id, lo, hi, settings.bucket_size)
-                        .into_iter()
-                        .map(|t| t.with_epoch(campaign.epoch))
-                        .collect();
-                let n = tasks.len() as i64;
-                self.publish(campaign.id, tasks).await?;
-                n
+        ids.sort_unstable();
+        ids.dedup();
+        let found = match store.campaigns(&ids).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(campaigns = ids.len(), error = %e, "reading campaigns to shard failed");
+                let reason = db(e);
+                for (i, _) in &wanted {
+                    outcomes[*i] = Outcome::retry(reason.clone());
+                }
+                return outcomes;
             }
         };
+        // The deliveries that still need sharding, one per campaign; the others are done.
+        let mut todo: Vec<(Vec<usize>, Campaign)> = Vec::new();
+        for (i, created) in wanted {
+            let id = created.campaign_id;
+            let Some(campaign) = found.iter().find(|c| c.id == id) else {
+                // The API commits the row before it announces, so this is an announcement of
+                // a database that was since recreated: nothing to do.
+                tracing::debug!(
+                    campaign_id = id,
+                    "CampaignCreated of an unknown campaign skipped"
+                );
+                continue;
+            };
+            if campaign.epoch != created.epoch {
+                // An older campaign that had the same id: not this one, nothing to do.
+                tracing::debug!(
+                    campaign_id = id,
+                    epoch = created.epoch,
+                    "stale CampaignCreated skipped"
+                );
+                continue;
+            }
+            if campaign.status.is_final() || campaign.buckets_total.is_some() {
+                continue; // a duplicate CampaignCreated: already sharded
+            }
+            match todo.iter_mut().find(|(_, c)| c.id == id) {
+                Some((at, _)) => at.push(i),
+                None => todo.push((vec![i], campaign.clone())),
+            }
+        }
+        let results = join_all(todo.iter().map(|(_, c)| self.shard(c))).await;
+        let mut empty = Vec::new();
+        for ((at, campaign), result) in todo.iter().zip(results) {
+            let outcome = match result {
+                Ok(true) => continue,
+                Ok(false) => {
+                    empty.push((at, campaign.id));
+                    continue;
+                }
+                Err(reason) => {
+                    tracing::warn!(campaign_id = campaign.id, reason = %reason, "sharding failed");
+                    Outcome::retry(reason)
+                }
+            };
+            for i in at {
+                outcomes[*i] = outcome.clone();
+            }
+        }
+        if empty.is_empty() {
+            return outcomes;
+        }
+        // Nobody to send to: recording 0 buckets completes them, so no supervisor starts
+        // stages for them.
+        let counts: Vec<(i64, i64)> = empty.iter().map(|(_, id)| (*id, 0)).collect();
+        match store.set_sharded_all(&counts, chrono::Utc::now()).await {
+            Ok(()) => {
+                for (_, id) in &empty {
+                    let _ = self.shared.maybe_complete.send(*id);
+                    tracing::info!(campaign_id = id, "empty audience: campaign completed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(campaigns = empty.len(), error = %e, "completing empty campaigns failed");
+                let reason = db(e);
+                for (at, _) in &empty {
+                    for i in *at {
+                        outcomes[*i] = Outcome::retry(reason.clone());
+                    }
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// Shards one campaign that has not been: true once its buckets are published and
+    /// counted, false when its audience is empty (left for the caller to record).
+    async fn shard(&self, campaign: &Campaign) -> Result<bool, String> {
+        let store = &self.shared.store;
+        let settings = &self.shared.settings;
+        let Some((lo, hi)) = store
+            .audience_bounds(&campaign.audience)
+            .await
+            .map_err(db)?
+        else {
+            return Ok(false);
+        };
+        store
+            .set_running(campaign.id, chrono::Utc::now())
+            .await
+            .map_err(db)?;
+        // Every node's root starts a supervisor for it, and the supervisors start the later
+        // stages now, so they expand the first buckets while the rest are still being
+        // published. A lost notice is made up by the roots' periodic scan.
+        self.announce_running(campaign.id).await;
+        let _ = self.shared.maybe_complete.send(campaign.id);
+        let tasks: Vec<BucketTask> = bucket_tasks(campaign.id, lo, hi, settings.bucket_size)
+            .into_iter()
+            .map(|t| t.with_epoch(campaign.epoch))
+            .collect();
+        let buckets = tasks.len() as i64;
+        self.publish(campaign.id, tasks).await?;
         store
             .set_sharded(campaign.id, buckets, chrono::Utc::now())
             .await
             .map_err(db)?;
-        // An empty audience is completed now, and a small one may have had every record in
-        // before its bucket count: either way the supervisor need not wait for its tick.
+        // A small campaign may have had every record in before its bucket count: the
+        // supervisor need not wait for its tick.
         let _ = self.shared.maybe_complete.send(campaign.id);
-        if buckets == 0 {
-            tracing::info!(
-                campaign_id = campaign.id,
-                "empty audience: campaign completed"
-            );
-        }
         tracing::info!(campaign_id = campaign.id, buckets, "campaign sharded");
-        Ok(())
+        Ok(true)
     }
 
     async fn announce_running(&self, campaign_id: i64) {
@@ -264,7 +327,7 @@ impl EventHandler for Sharder {
     }
 
     async fn handle(&self, batch: Vec<Delivery>) -> Vec<Outcome> {
-        join_all(batch.iter().map(|d| self.one(d))).await
+        self.shard_batch(&batch).await
     }
 }
 

@@ -419,6 +419,26 @@ impl Store {
         .transpose()
     }
 
+    /// Loads the campaigns among `ids` that exist, in one query.
+    pub async fn campaigns(&self, ids: &[i64]) -> Result<Vec<Campaign>, DbErr> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks: Vec<String> = (1..=ids.len()).map(|k| format!("${k}")).collect();
+        let sql = format!(
+            "SELECT id, kind, name, inform_type, title, body, audience, status, buckets_total, \
+             created_at, coupon_id FROM campaign WHERE id IN ({})",
+            marks.join(", ")
+        );
+        let values = ids.iter().map(|id| (*id).into()).collect();
+        CampaignRow::find_by_statement(stmt(&self.db, &sql, values))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Campaign::try_from)
+            .collect()
+    }
+
     /// Ids of campaigns that are not final yet (pending or running).
     pub async fn active_campaign_ids(&self) -> Result<Vec<i64>, DbErr> {
         #[derive(FromQueryResult)]
@@ -466,45 +486,75 @@ impl Store {
         buckets: i64,
         now: DateTime<Utc>,
     ) -> Result<(), DbErr> {
+        self.set_sharded_all(&[(id, buckets)], now).await
+    }
+
+    /// [`Store::set_sharded`] for several (campaign, bucket count) pairs, in one statement on
+    /// PostgreSQL: a burst of new campaigns with empty audiences is completed a batch at a
+    /// time.
+    pub async fn set_sharded_all(
+        &self,
+        sharded: &[(i64, i64)],
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
         // With no buckets there is nothing to wait for: the campaign is completed here, with
         // its counters at their default of 0, rather than by a later progress check.
-        let (status, finished_at) = if buckets == 0 {
-            (CampaignState::Completed, Some(now))
-        } else {
-            (CampaignState::Running, None)
-        };
-        const UPDATE: &str = "UPDATE campaign SET buckets_total = $1, status = $2, \
-             started_at = COALESCE(started_at, $3), finished_at = $4 \
-             WHERE id = $5 AND buckets_total IS NULL AND status IN ('pending', 'running')";
-        let values = vec![
-            buckets.into(),
-            status.as_str().into(),
-            now.into(),
-            finished_at.into(),
-            id.into(),
-        ];
+        const SET: &str = "buckets_total = v.buckets, \
+             status = CASE WHEN v.buckets = 0 THEN 'completed' ELSE 'running' END, \
+             started_at = COALESCE(started_at, v.now), \
+             finished_at = CASE WHEN v.buckets = 0 THEN v.now END";
+        const WHERE: &str =
+            "campaign.buckets_total IS NULL AND campaign.status IN ('pending', 'running')";
+        if sharded.is_empty() {
+            return Ok(());
+        }
         if self.db.get_database_backend() == DbBackend::Postgres {
-            // One statement, so one round trip and no BEGIN / COMMIT of its own: a burst of
-            // new campaigns runs this once each.
+            let rows: Vec<String> = (0..sharded.len())
+                .map(|i| format!("(${}::bigint, ${}::bigint)", 2 * i + 2, 2 * i + 3))
+                .collect();
             let sql = format!(
-                "WITH c AS ({UPDATE} RETURNING id, buckets_total) \
+                "WITH v(id, buckets) AS (VALUES {}), \
+                 c AS (UPDATE campaign SET {} FROM (SELECT id, buckets, $1::timestamptz AS now \
+                 FROM v) v WHERE campaign.id = v.id AND {WHERE} \
+                 RETURNING campaign.id, campaign.buckets_total) \
                  INSERT INTO campaign_progress (campaign_id, buckets_total) \
                  SELECT id, buckets_total FROM c \
-                 ON CONFLICT (campaign_id) DO UPDATE SET buckets_total = excluded.buckets_total"
+                 ON CONFLICT (campaign_id) DO UPDATE SET buckets_total = excluded.buckets_total",
+                rows.join(", "),
+                SET.replace(
+                    "started_at = COALESCE(started_at",
+                    "started_at = COALESCE(campaign.started_at"
+                )
             );
+            let mut values: Vec<Value> = vec![now.into()];
+            for (id, buckets) in sharded {
+                values.extend([(*id).into(), (*buckets).into()]);
+            }
             self.db.execute(stmt(&self.db, &sql, values)).await?;
             return Ok(());
         }
         let txn = self.db.begin().await?;
-        let first = txn.execute(stmt(&txn, UPDATE, values)).await?;
-        if first.rows_affected() == 1 {
-            txn.execute(stmt(
-                &txn,
-                "INSERT INTO campaign_progress (campaign_id, buckets_total) VALUES ($1, $2) \
-                 ON CONFLICT (campaign_id) DO UPDATE SET buckets_total = excluded.buckets_total",
-                vec![id.into(), buckets.into()],
-            ))
-            .await?;
+        for (id, buckets) in sharded {
+            let sql = format!(
+                "UPDATE campaign SET {} WHERE id = $3 AND {WHERE}",
+                SET.replace("v.buckets", "$1").replace("v.now", "$2")
+            );
+            let first = txn
+                .execute(stmt(
+                    &txn,
+                    &sql,
+                    vec![(*buckets).into(), now.into(), (*id).into()],
+                ))
+                .await?;
+            if first.rows_affected() == 1 {
+                txn.execute(stmt(
+                    &txn,
+                    "INSERT INTO campaign_progress (campaign_id, buckets_total) VALUES ($1, $2) \
+                     ON CONFLICT (campaign_id) DO UPDATE SET buckets_total = excluded.buckets_total",
+                    vec![(*id).into(), (*buckets).into()],
+                ))
+                .await?;
+            }
         }
         txn.commit().await
     }

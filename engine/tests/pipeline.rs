@@ -289,6 +289,12 @@ async fn poison_messages_are_dead_lettered_and_do_not_block() {
             .unwrap()
             .await
             .unwrap();
+        // And on the campaigns stream, which one sharder consumer reads for every campaign.
+        js.publish(subjects.campaign_created(id + 1_000_000), "junk".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
 
         let s = env.wait_completed(id, LONG).await.unwrap();
         assert_eq!(s.sent, 3_000);
@@ -298,13 +304,13 @@ async fn poison_messages_are_dead_lettered_and_do_not_block() {
         assert!(
             wait_until(Duration::from_secs(10), || {
                 let mut dl = dl.clone();
-                async move { dl.info().await.map(|i| i.state.messages).unwrap_or(0) >= 2 }
+                async move { dl.info().await.map(|i| i.state.messages).unwrap_or(0) >= 3 }
             })
             .await
         );
-        assert_eq!(dl.info().await.unwrap().state.messages, 2);
+        assert_eq!(dl.info().await.unwrap().state.messages, 3);
         let mut reasons = Vec::new();
-        for seq in 1..=2 {
+        for seq in 1..=3 {
             let m = dl.get_raw_message(seq).await.unwrap();
             let letter: DeadLetter = decode(&m.payload).unwrap();
             reasons.push(letter.reason.clone());
@@ -316,7 +322,11 @@ async fn poison_messages_are_dead_lettered_and_do_not_block() {
             "{reasons:?}"
         );
         assert!(
-            reasons[1].starts_with("undecodable PushBatch"),
+            reasons[1].starts_with("undecodable CampaignCreated"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[2].starts_with("undecodable PushBatch"),
             "{reasons:?}"
         );
         engine.shutdown().await.unwrap();

@@ -300,14 +300,33 @@ async fn sharding_on(db: DatabaseConnection) {
         .insert_campaign(&campaign("some"), Utc::now(), Utc::now())
         .await
         .unwrap();
-    store.set_sharded(empty, 0, Utc::now()).await.unwrap();
+    let (also_empty, _) = store
+        .insert_campaign(&campaign("also empty"), Utc::now(), Utc::now())
+        .await
+        .unwrap();
+    store
+        .set_sharded_all(&[(empty, 0), (also_empty, 0)], Utc::now())
+        .await
+        .unwrap();
     store.set_sharded(some, 3, Utc::now()).await.unwrap();
     store.set_sharded(some, 5, Utc::now()).await.unwrap();
 
-    let e = store.status(empty).await.unwrap().unwrap();
-    assert_eq!((e.status.as_str(), e.buckets_total), ("completed", Some(0)));
-    assert!(e.started_at.is_some() && e.finished_at.is_some());
-    assert_eq!((e.recipients, e.sent, e.skipped, e.failed), (0, 0, 0, 0));
+    for id in [empty, also_empty] {
+        let e = store.status(id).await.unwrap().unwrap();
+        assert_eq!((e.status.as_str(), e.buckets_total), ("completed", Some(0)));
+        assert!(e.started_at.is_some() && e.finished_at.is_some());
+        assert_eq!((e.recipients, e.sent, e.skipped, e.failed), (0, 0, 0, 0));
+    }
+    // Read back in one query, missing ids left out.
+    let mut read: Vec<i64> = store
+        .campaigns(&[some, empty, 999_999])
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    read.sort_unstable();
+    assert_eq!(read, vec![empty, some]);
     let s = store.status(some).await.unwrap().unwrap();
     assert_eq!((s.status.as_str(), s.buckets_total), ("running", Some(3)));
     assert!(s.started_at.is_some() && s.finished_at.is_none());
