@@ -32,7 +32,7 @@ use crate::{
 /// How long a campaign may stay pending before its supervisors announce it again. The API
 /// announces each new campaign within milliseconds of its reply; announcing every campaign
 /// again at once cost a JetStream publish per campaign per node for nothing.
-const ANNOUNCE_AFTER: Duration = Duration::from_secs(5);
+pub const ANNOUNCE_AFTER: Duration = Duration::from_secs(5);
 
 /// The campaign supervisor actor.
 pub struct CampaignSupervisor;

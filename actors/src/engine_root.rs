@@ -4,7 +4,7 @@
 //! plain subscription: every node must hear every campaign; a campaign whose audience is
 //! empty is completed by its sharder and never needs a supervisor) and, so nothing is missed
 //! while it was down or disconnected, from a periodic scan of the database for campaigns
-//! that are not final.
+//! that are running, or pending for longer than the API takes to announce them.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -14,7 +14,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::task::JoinHandle;
 
 use crate::{
-    campaign_supervisor::{CampaignSupervisor, SupervisorArgs, SupervisorMsg},
+    campaign_supervisor::{CampaignSupervisor, SupervisorArgs, SupervisorMsg, ANNOUNCE_AFTER},
     context::Shared,
     coupons::{login_issuer::LoginIssuer, releaser::CouponReleaser},
     event_worker::{EventHandler, EventWorker},
@@ -143,7 +143,14 @@ impl Actor for EngineRoot {
             RootMsg::Ensure(id) => Self::ensure(&myself, state, id).await,
             RootMsg::Scan => {
                 Self::ensure_events(&myself, state).await;
-                match state.shared.store.active_campaign_ids().await {
+                let pending_before = chrono::Utc::now()
+                    - chrono::Duration::from_std(ANNOUNCE_AFTER).unwrap_or_default();
+                match state
+                    .shared
+                    .store
+                    .campaigns_to_supervise(pending_before)
+                    .await
+                {
                     Ok(ids) => {
                         for id in ids {
                             Self::ensure(&myself, state, id).await;

@@ -439,16 +439,22 @@ impl Store {
             .collect()
     }
 
-    /// Ids of campaigns that are not final yet (pending or running).
-    pub async fn active_campaign_ids(&self) -> Result<Vec<i64>, DbErr> {
+    /// Ids of the campaigns a node should supervise: every running one, and those still
+    /// pending that were created before `pending_before` (a new one is its sharders' until
+    /// then; one that stays pending longer needs announcing again).
+    pub async fn campaigns_to_supervise(
+        &self,
+        pending_before: DateTime<Utc>,
+    ) -> Result<Vec<i64>, DbErr> {
         #[derive(FromQueryResult)]
         struct Id {
             id: i64,
         }
         Ok(Id::find_by_statement(stmt(
             &self.db,
-            "SELECT id FROM campaign WHERE status IN ('pending', 'running') ORDER BY id",
-            vec![],
+            "SELECT id FROM campaign \
+             WHERE status = 'running' OR (status = 'pending' AND created_at < $1) ORDER BY id",
+            vec![pending_before.into()],
         ))
         .all(&self.db)
         .await?
