@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::future::join_all;
 use herald_nats::{publish_all, Delivery, Outcome, Outgoing};
-use herald_schemas::{decode, encode, BucketTask, CampaignCreated, Subjects};
+use herald_schemas::{decode, encode, Audience, BucketTask, CampaignCreated, Subjects};
 
 use crate::{
     context::{Shared, StageSettings},
@@ -58,9 +58,9 @@ impl Sharder {
         Ok(created)
     }
 
-    /// Shards a batch of announcements: one read of their campaigns, the audience bounds of
-    /// each, one statement that completes those with an empty audience, and the buckets of
-    /// the rest, each on its own.
+    /// Shards a batch of announcements: one read of their campaigns, one read of the bounds
+    /// of each distinct audience, one statement that completes those with an empty
+    /// audience, and the buckets of the rest, each on its own.
     async fn shard_batch(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let store = &self.shared.store;
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
@@ -119,7 +119,30 @@ impl Sharder {
                 None => todo.push((vec![i], campaign.clone())),
             }
         }
-        let results = join_all(todo.iter().map(|(_, c)| self.shard(c))).await;
+        // Campaigns of one batch with the same audience share one read of its bounds.
+        let mut audiences: Vec<&Audience> = Vec::new();
+        for (_, c) in &todo {
+            if !audiences.contains(&&c.audience) {
+                audiences.push(&c.audience);
+            }
+        }
+        let bounds = join_all(audiences.iter().map(|a| store.audience_bounds(a))).await;
+        let bounds_of = |c: &Campaign| {
+            let at = audiences.iter().position(|a| **a == c.audience);
+            match at.map(|i| &bounds[i]) {
+                Some(Ok(b)) => Ok(*b),
+                Some(Err(e)) => Err(format!("database: {e}")),
+                None => Err("no audience read".to_string()),
+            }
+        };
+        let results = join_all(todo.iter().map(|(_, c)| async move {
+            match bounds_of(c) {
+                Ok(Some((lo, hi))) => self.shard(c, lo, hi).await.map(|()| true),
+                Ok(None) => Ok(false),
+                Err(reason) => Err(reason),
+            }
+        }))
+        .await;
         let mut empty = Vec::new();
         for ((at, campaign), result) in todo.iter().zip(results) {
             let outcome = match result {
@@ -163,18 +186,11 @@ impl Sharder {
         outcomes
     }
 
-    /// Shards one campaign that has not been: true once its buckets are published and
-    /// counted, false when its audience is empty (left for the caller to record).
-    async fn shard(&self, campaign: &Campaign) -> Result<bool, String> {
+    /// Shards one campaign whose audience has ids in `lo..=hi`: marks it running, publishes
+    /// its buckets and records their count.
+    async fn shard(&self, campaign: &Campaign, lo: i64, hi: i64) -> Result<(), String> {
         let store = &self.shared.store;
         let settings = &self.shared.settings;
-        let Some((lo, hi)) = store
-            .audience_bounds(&campaign.audience)
-            .await
-            .map_err(db)?
-        else {
-            return Ok(false);
-        };
         store
             .set_running(campaign.id, chrono::Utc::now())
             .await
@@ -198,7 +214,7 @@ impl Sharder {
         // supervisor need not wait for its tick.
         let _ = self.shared.maybe_complete.send(campaign.id);
         tracing::info!(campaign_id = campaign.id, buckets, "campaign sharded");
-        Ok(true)
+        Ok(())
     }
 
     async fn announce_running(&self, campaign_id: i64) {
