@@ -53,6 +53,48 @@ impl Latencies {
 
 /// Runs the requesters; `tag` goes into every campaign name, so two runs in one process
 /// create distinct campaigns instead of repeats (which the API answers from Redis).
+/// Waits until no campaign in `db` is pending or running, polling every 20 ms, and returns
+/// how long after `since` that was; None if it was not so within `limit`. A full node runs
+/// the campaigns it is asked to create, and this says when the last one of a burst was done.
+pub async fn campaigns_final(
+    db: &sea_orm::DatabaseConnection,
+    since: Instant,
+    limit: Duration,
+) -> anyhow::Result<Option<Duration>> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let sql = "SELECT COUNT(*) AS n FROM campaign WHERE status IN ('pending', 'running')";
+    loop {
+        let row = db
+            .query_one(Statement::from_string(db.get_database_backend(), sql))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no count"))?;
+        if row.try_get::<i64>("", "n")? == 0 {
+            return Ok(Some(since.elapsed()));
+        }
+        if since.elapsed() > limit {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long the bench waits for a full node to finish the campaigns of its create burst.
+pub const CAMPAIGNS_FINAL_LIMIT: Duration = Duration::from_secs(120);
+
+/// The line that says when the full node had finished the campaigns it was asked to create.
+pub fn campaigns_final_line(done: Option<Duration>, creates: usize) -> String {
+    match done {
+        Some(d) => format!(
+            "  its {creates} campaigns all final {:.2} s after the first create request",
+            d.as_secs_f64()
+        ),
+        None => format!(
+            "  its {creates} campaigns not all final {} s after the first create request",
+            CAMPAIGNS_FINAL_LIMIT.as_secs()
+        ),
+    }
+}
+
 pub async fn run(
     nats: &async_nats::Client,
     subjects: &Subjects,

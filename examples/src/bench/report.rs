@@ -41,6 +41,8 @@ pub struct Measured {
     pub fasts: Vec<PushResult>,
     pub bases: Vec<(BaselineResult, BaselineResult)>,
     pub lat: Latencies,
+    /// When the full node's create-burst campaigns were all final, after the first create.
+    pub campaigns_final: Option<std::time::Duration>,
     pub lat_api: Latencies,
     pub lat_api_paced: Option<Latencies>,
     pub lat_floor: Latencies,
@@ -136,6 +138,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         fasts,
         bases,
         lat,
+        campaigns_final,
         lat_api,
         lat_api_paced,
         lat_floor,
@@ -291,8 +294,14 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         rows.push((format!("floor, paced {:.0}/s", run.create_rate), f));
         rows.push((format!("commit floor, paced {:.0}/s", run.create_rate), c));
     }
-    for (label, l) in rows {
+    for (i, (label, l)) in rows.into_iter().enumerate() {
         println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
+        if i == 0 {
+            println!(
+                "{}",
+                crate::create_latency::campaigns_final_line(campaigns_final, l.0.len())
+            );
+        }
     }
     for line in &ratio_lines {
         println!("{line}");
@@ -319,6 +328,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         "push_zero": {"seconds": fast.seconds, "users_per_s": push_rate(fast), "cpu_seconds": fast.cpu.engine, "cpu_seconds_by_process": fast.cpu.json(), "peak_rss_bytes": fast.peak_rss, "redis_added_bytes": fast.redis_added, "duplicates": fast.duplicates, "missing": fast.missing},
         "baseline": json_baseline,
         "create_latency_ms": lat.json(),
+        "create_campaigns_final_s": campaigns_final.map(|d| d.as_secs_f64()),
         "create_latency_api_only_ms": lat_api.json(),
         "request_reply_floor_ms": lat_floor.json(),
         "commit_floor_ms": lat_commit_floor.json(),

@@ -362,8 +362,21 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
     let engine = Engine::builder(config).start().await?;
     let cpu0 = proc::CpuSnapshot::now();
     let tag = if args.api_only { "api" } else { "full" };
+    let started = Instant::now();
     let lat = create_latency::run(&env.nats, &env.subjects(), tag, load(args, false)).await?;
     let cpu = proc::CpuSnapshot::since(&cpu0);
+    let campaigns_final = if args.api_only {
+        None
+    } else {
+        Some(
+            create_latency::campaigns_final(
+                &env.db,
+                started,
+                create_latency::CAMPAIGNS_FINAL_LIMIT,
+            )
+            .await?,
+        )
+    };
     let paced = paced_creates(env, args, tag).await?;
     engine.shutdown().await?;
     let cpu1 = proc::CpuSnapshot::now();
@@ -391,6 +404,12 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
             l.summary(),
             args.requesters,
             args.requests_each
+        );
+    }
+    if let Some(done) = campaigns_final {
+        println!(
+            "{}",
+            create_latency::campaigns_final_line(done, lat.0.len())
         );
     }
     println!(
@@ -494,7 +513,11 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
         args.requesters, args.requests_each
     );
     let engine = Engine::builder(bench_config(env, args)).start().await?;
+    let started = Instant::now();
     let lat = create_latency::run(&env.nats, &env.subjects(), "full", load(args, false)).await?;
+    let campaigns_final =
+        create_latency::campaigns_final(&env.db, started, create_latency::CAMPAIGNS_FINAL_LIMIT)
+            .await?;
     engine.shutdown().await?;
     // The same on a node that serves only the API: the request path without fan-out load.
     let mut api_only = bench_config(env, args);
@@ -517,6 +540,7 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
         fasts,
         bases,
         lat,
+        campaigns_final,
         lat_api,
         lat_api_paced,
         lat_floor,
