@@ -398,19 +398,19 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
         rows.push((format!("floor, {pace}"), f));
         rows.push((format!("commit floor, {pace}"), c));
     }
-    for (label, l) in rows {
+    for (i, (label, l)) in rows.into_iter().enumerate() {
         println!(
             "{label:<30} {}  ({} requesters x {})",
             l.summary(),
             args.requesters,
             args.requests_each
         );
-    }
-    if let Some(done) = campaigns_final {
-        println!(
-            "{}",
-            create_latency::campaigns_final_line(done, lat.0.len())
-        );
+        if let (0, Some(done)) = (i, campaigns_final) {
+            println!(
+                "{}",
+                create_latency::campaigns_final_line(done, lat.0.len())
+            );
+        }
     }
     println!(
         "cpu µs per create (requesters in the engine's process): {}",
