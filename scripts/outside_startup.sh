@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Measures how fast a full `herald serve` (its defaults) runs the campaigns it is asked to
+# create, from outside herald: a fresh PostgreSQL database and a NATS prefix of its own, the
+# create load of scripts/outside_create.py (100 requesters, campaigns on an empty segment),
+# then the time until no campaign is pending or running, and the CPU of nats-server,
+# `herald serve` and every postgres process per create (the create's own cost included).
+# BENCHMARKS.md ("Create latency on a full node") has its results.
+#
+#   scripts/outside_startup.sh                     2,000 creates back to back
+#   RATE=500 EACH=100 scripts/outside_startup.sh   10,000 creates paced at 500/s
+#   HERALD_BIN=/path/to/herald scripts/outside_startup.sh   another build
+#
+# Needs nats-py (`python3 -m pip install nats-py`, run outside the repository), psql and
+# redis-cli, and the servers on loopback (scripts/services.sh). It stops the `herald serve`
+# it started, by its PID, and removes its database, streams and Redis keys.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${HERALD_BIN:-target/release/herald}
+RATE=${RATE:-0}
+EACH=${EACH:-20}
+PG=(env PGOPTIONS='-c client_min_messages=warning' psql -q -h 127.0.0.1 -U postgres)
+DB=herald_startup
+PREFIX=hstart$$
+export HERALD__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=disable"
+export HERALD__NATS__PREFIX=$PREFIX
+
+[ -x "$BIN" ] || { echo "no $BIN: cargo build --release -p herald-engine" >&2; exit 1; }
+
+SERVE=
+cleanup() {
+    [ -n "$SERVE" ] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null
+    "${PG[@]}" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
+    (cd /tmp && python3 - "$PREFIX" <<'EOF'
+import asyncio, sys
+import nats
+
+async def main(prefix):
+    nc = await nats.connect("nats://127.0.0.1:4222")
+    js = nc.jetstream()
+    for s in await js.streams_info():
+        if s.config.name.startswith(prefix.upper() + "_"):
+            await js.delete_stream(s.config.name)
+    await nc.close()
+
+asyncio.run(main(sys.argv[1]))
+EOF
+    ) || echo "removing the ${PREFIX^^}_* streams failed" >&2
+    redis-cli --scan --pattern "$PREFIX:*" | xargs -r -n 500 redis-cli del >/dev/null
+}
+trap cleanup EXIT
+
+"${PG[@]}" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/dev/null
+"$BIN" migrate >/dev/null
+LOG=$(mktemp)
+"$BIN" serve >"$LOG" 2>&1 &
+SERVE=$!
+# Up once the API answers (an unknown campaign's status).
+for _ in $(seq 100); do
+    if (cd /tmp && python3 -c "
+import asyncio, nats
+async def m():
+    nc = await nats.connect('nats://127.0.0.1:4222')
+    await nc.request('$PREFIX.api.campaign.status', b'{\"campaign_id\":1}', timeout=0.5)
+asyncio.run(m())" 2>/dev/null); then break; fi
+    sleep 0.2
+done
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+pg_ticks() {
+    local sum=0 pid
+    for pid in $(pgrep -u postgres); do
+        sum=$((sum + $(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$sum"
+}
+NATS_PID=$(pgrep -x nats-server | head -n 1)
+n0=$(ticks "$NATS_PID"); h0=$(ticks "$SERVE"); p0=$(pg_ticks)
+t0=$(date +%s.%N)
+python3 scripts/outside_create.py --prefix "$PREFIX" --rate "$RATE" --requesters 100 --requests-each "$EACH"
+t1=$(date +%s.%N)
+N=$((EACH * 100))
+LIMIT=$(echo "$t1 + 300" | bc)
+while [ "$("${PG[@]}" -tA $DB -c "SELECT count(*) FROM campaign WHERE status IN ('pending', 'running')")" != 0 ]; do
+    if [ "$(echo "$(date +%s.%N) > $LIMIT" | bc)" = 1 ]; then
+        echo "campaigns still not final 300 s after the last create" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+t2=$(date +%s.%N)
+tick=$(getconf CLK_TCK)
+num() { printf '%.3f' "$(echo "scale=6; $1" | bc)"; }
+per() { num "($1) * 1000 / $tick / $N"; }
+echo "{\"creates\": $N, \"rate\": $RATE, \"creates_s\": $(num "$t1 - $t0"), \"all_final_s\": $(num "$t2 - $t0"), \"cpu_ms_per_create\": {\"nats-server\": $(per "$(ticks "$NATS_PID") - $n0"), \"herald\": $(per "$(ticks "$SERVE") - $h0"), \"postgres\": $(per "$(pg_ticks) - $p0")}}"
+if grep -qiE ' (WARN|ERROR) ' "$LOG"; then
+    echo "herald serve logged warnings or errors:" >&2
+    grep -iE ' (WARN|ERROR) ' "$LOG" | head -n 5 >&2
+fi
+rm -f "$LOG"
