@@ -1,6 +1,7 @@
-//! What a create does after its reply, batched over the creates that finished meanwhile:
-//! record each new id under its dedupe key in Redis (one pipeline), so repeats get it at once,
-//! and announce new campaigns on the campaigns stream (one pipelined publish). Neither is
+//! What a create does after its reply, batched over the creates that finish within a few
+//! milliseconds of each other ([`next_round`]): record each new id under its dedupe key in
+//! Redis (one pipeline), so repeats get it at once, and announce new campaigns on the
+//! campaigns stream (one pipelined publish). Neither is
 //! needed for correctness: the database catches repeats Redis has not heard of, and a node
 //! that finds a pending campaign announces it again.
 
@@ -12,6 +13,9 @@ use tokio::sync::mpsc;
 
 /// Most jobs per round.
 const MAX_ROUND: usize = 256;
+
+/// How long a round waits for more jobs after its first (see [`next_round`]).
+const LINGER: Duration = Duration::from_millis(5);
 
 /// A job for after the reply.
 #[derive(Debug)]
@@ -74,14 +78,7 @@ async fn collect(
     subjects: Subjects,
     mut rx: mpsc::Receiver<AfterCreate>,
 ) {
-    while let Some(job) = rx.recv().await {
-        let mut jobs = vec![job];
-        while jobs.len() < MAX_ROUND {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = next_round(&mut rx, LINGER, MAX_ROUND).await {
         let mut records = Vec::new();
         let mut announce = Vec::new();
         for j in jobs {
@@ -113,5 +110,85 @@ async fn collect(
             }
         };
         tokio::join!(record, publish);
+    }
+}
+
+/// The next round: the first job to come, then whatever comes within `linger` of it, at most
+/// `max` jobs. Nobody waits for this work, so a round waits for the creates that follow: at a
+/// steady few creates per millisecond that makes one Redis pipeline and one burst of
+/// announcements (which a sharder then takes as one batch) of several creates instead of one
+/// each. None once every sender is gone and nothing is left.
+async fn next_round<T>(rx: &mut mpsc::Receiver<T>, linger: Duration, max: usize) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let until = tokio::time::Instant::now() + linger;
+    let mut jobs = vec![first];
+    while jobs.len() < max {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(j)) => jobs.push(j),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `1..=n`, one every `gap`.
+    fn send_spaced(tx: mpsc::Sender<u32>, n: u32, gap: Duration) {
+        tokio::spawn(async move {
+            for i in 1..=n {
+                tx.send(i).await.unwrap();
+                tokio::time::sleep(gap).await;
+            }
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_takes_the_jobs_that_follow_within_the_linger() {
+        let (tx, mut rx) = mpsc::channel(16);
+        // One job a millisecond: a 5 ms round holds the first and the four after it.
+        send_spaced(tx, 12, Duration::from_millis(1));
+        let linger = Duration::from_millis(5);
+        assert_eq!(
+            next_round(&mut rx, linger, 100).await,
+            Some(vec![1, 2, 3, 4, 5])
+        );
+        assert_eq!(
+            next_round(&mut rx, linger, 100).await,
+            Some(vec![6, 7, 8, 9, 10])
+        );
+        assert_eq!(next_round(&mut rx, linger, 100).await, Some(vec![11, 12]));
+        assert_eq!(next_round(&mut rx, linger, 100).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_round_goes_at_once() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 1..=5 {
+            tx.send(i).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let round = next_round(&mut rx, Duration::from_secs(60), 3).await;
+        assert_eq!(round, Some(vec![1, 2, 3]));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_ends_when_the_senders_are_gone() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(1).await.unwrap();
+        drop(tx);
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            next_round(&mut rx, Duration::from_secs(60), 100).await,
+            Some(vec![1])
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(
+            next_round(&mut rx, Duration::from_secs(60), 100).await,
+            None
+        );
     }
 }
