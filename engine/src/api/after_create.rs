@@ -1,9 +1,9 @@
 //! What a create does after its reply, batched over the creates that finish within a few
 //! milliseconds of each other ([`next_round`]): record each new id under its dedupe key in
 //! Redis (one pipeline), so repeats get it at once, and announce new campaigns on the
-//! campaigns stream (one pipelined publish). Neither is
-//! needed for correctness: the database catches repeats Redis has not heard of, and a node
-//! that finds a pending campaign announces it again.
+//! campaigns stream (one pipelined publish). Neither is needed for correctness: the database
+//! catches repeats Redis has not heard of, and a node that finds a pending campaign announces
+//! it again.
 
 use std::time::Duration;
 
