@@ -3,6 +3,8 @@
 //! queue in front of it). With a rate, the requesters are paced (an open loop): each request
 //! has a scheduled time, and a requester still waiting for its previous reply at that time
 //! is charged for the wait. The campaigns target an empty segment so the fan-out is trivial.
+//! The requesters are a client of their own: one thread with its own runtime and NATS
+//! connection, apart from the engine's runtime.
 //!
 //! [`floor`] runs the same requesters against a responder that only decodes the body and
 //! replies: the request/reply round trip through NATS on this machine, below which no create
@@ -96,12 +98,12 @@ pub fn campaigns_final_line(done: Option<Duration>, creates: usize) -> String {
 }
 
 pub async fn run(
-    nats: &async_nats::Client,
+    nats_url: &str,
     subjects: &Subjects,
     tag: &str,
     load: Load,
 ) -> anyhow::Result<Latencies> {
-    run_on(nats, subjects.api_campaign_create(), tag, load).await
+    run_on(nats_url, subjects.api_campaign_create(), tag, load).await
 }
 
 /// How many requesters send how many requests each, and how fast.
@@ -179,7 +181,7 @@ pub async fn floor(
         anyhow::ensure!(tries < 100, "the no-op responder never answered");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let lat = run_on(nats, subject, "floor", load).await;
+    let lat = run_on(nats_url, subject, "floor", load).await;
     serve.abort();
     lat
 }
@@ -242,7 +244,30 @@ async fn commit_batcher(
     Ok(batcher)
 }
 
+/// Runs the requesters as a client of their own: one thread with its own runtime and NATS
+/// connection, as another process would be. As tasks on the bench's runtime, which a full
+/// node's engine shares, a requester's reply could wait behind the node's own tasks, and that
+/// wait was counted as the create's.
 async fn run_on(
+    nats_url: &str,
+    subject: String,
+    tag: &str,
+    load: Load,
+) -> anyhow::Result<Latencies> {
+    let (url, tag) = (nats_url.to_string(), tag.to_string());
+    tokio::task::spawn_blocking(move || {
+        let client = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        client.block_on(async {
+            let nats = async_nats::connect(&url).await?;
+            requesters(&nats, subject, &tag, load).await
+        })
+    })
+    .await?
+}
+
+async fn requesters(
     nats: &async_nats::Client,
     subject: String,
     tag: &str,
