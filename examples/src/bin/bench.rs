@@ -239,14 +239,25 @@ async fn paced_creates(
         return Ok(None);
     }
     let tag = format!("{tag} paced");
-    let lat = create_latency::run(
+    let lat = creates(env, args, &tag, true).await?;
+    Ok(Some(lat))
+}
+
+/// The create requesters against the API of `env`'s node, back to back or (`paced`) at
+/// `--create-rate`.
+async fn creates(
+    env: &TestEnv,
+    args: &Args,
+    tag: &str,
+    paced: bool,
+) -> anyhow::Result<create_latency::Latencies> {
+    create_latency::run(
         &env.config.nats.url,
         &env.subjects(),
-        &tag,
-        load(args, true),
+        tag,
+        load(args, paced),
     )
-    .await?;
-    Ok(Some(lat))
+    .await
 }
 
 /// The paced no-op floor (or, with `commit`, the paced commit floor), or None when
@@ -369,13 +380,7 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
     let cpu0 = proc::CpuSnapshot::now();
     let tag = if args.api_only { "api" } else { "full" };
     let started = Instant::now();
-    let lat = create_latency::run(
-        &env.config.nats.url,
-        &env.subjects(),
-        tag,
-        load(args, false),
-    )
-    .await?;
+    let lat = creates(env, args, tag, false).await?;
     let cpu = proc::CpuSnapshot::since(&cpu0);
     let campaigns_final = if args.api_only {
         None
@@ -526,13 +531,7 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
     );
     let engine = Engine::builder(bench_config(env, args)).start().await?;
     let started = Instant::now();
-    let lat = create_latency::run(
-        &env.config.nats.url,
-        &env.subjects(),
-        "full",
-        load(args, false),
-    )
-    .await?;
+    let lat = creates(env, args, "full", false).await?;
     let campaigns_final =
         create_latency::campaigns_final(&env.db, started, create_latency::CAMPAIGNS_FINAL_LIMIT)
             .await?;
@@ -541,13 +540,7 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
     let mut api_only = bench_config(env, args);
     api_only.node.run_pipeline = false;
     let engine = Engine::builder(api_only).start().await?;
-    let lat_api = create_latency::run(
-        &env.config.nats.url,
-        &env.subjects(),
-        "api",
-        load(args, false),
-    )
-    .await?;
+    let lat_api = creates(env, args, "api", false).await?;
     let lat_api_paced = paced_creates(env, args, "api").await?;
     engine.shutdown().await?;
     let lat_floor = floor(env, args, false, false).await?;
