@@ -3,12 +3,24 @@
 
 PG=(env PGOPTIONS='-c client_min_messages=warning' psql -q -h 127.0.0.1 -U postgres)
 
-# Stops the `herald serve` whose PID is in $SERVE, if any.
+# Starts `$BIN serve` in the background, its PID in $SERVE and its output in the file $LOG,
+# and waits until its API answers.
+start_serve() {
+    LOG=$(mktemp)
+    "$BIN" serve >"$LOG" 2>&1 &
+    SERVE=$!
+    wait_for_api "$PREFIX"
+}
+
+# Stops the `herald serve` whose PID is in $SERVE, if any, and reports the warnings and
+# errors it logged.
 stop_serve() {
     if [ -n "${SERVE:-}" ]; then
         kill "$SERVE" 2>/dev/null || true
         wait "$SERVE" 2>/dev/null || true
         SERVE=
+        report_warnings "$LOG"
+        rm -f "$LOG"
     fi
 }
 

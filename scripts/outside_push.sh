@@ -35,10 +35,8 @@ start_run
 "$BIN" users seed --count "$USERS"
 
 for latency in 200 0; do
-    LOG=$(mktemp)
-    HERALD__PROVIDERS__APP__LATENCY_MS=$latency "$BIN" serve >"$LOG" 2>&1 &
-    SERVE=$!
-    wait_for_api "$PREFIX"
+    export HERALD__PROVIDERS__APP__LATENCY_MS=$latency
+    start_serve
     t0=$(ticks "$SERVE")
     echo "provider latency $latency ms:"
     python3 scripts/outside_push.py --prefix "$PREFIX" --runs "$RUNS" --expect "$USERS"
@@ -46,6 +44,4 @@ for latency in 200 0; do
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$SERVE/status")
     echo "{\"latency_ms\": $latency, \"herald_cpu_us_per_user\": $(printf '%.2f' "$(echo "scale=4; ($t1 - $t0) * 1000000 / $(getconf CLK_TCK) / ($USERS * $RUNS)" | bc)"), \"herald_peak_rss_mb\": $((hwm / 1024))}"
     stop_serve
-    report_warnings "$LOG"
-    rm -f "$LOG"
 done

@@ -29,10 +29,7 @@ export HERALD__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=dis
 export HERALD__NATS__PREFIX=$PREFIX
 
 start_run
-LOG=$(mktemp)
-"$BIN" serve >"$LOG" 2>&1 &
-SERVE=$!
-wait_for_api "$PREFIX"
+start_serve
 
 pg_ticks() {
     local sum=0 pid
@@ -66,5 +63,4 @@ tick=$(getconf CLK_TCK)
 num() { printf '%.3f' "$(echo "scale=6; $1" | bc)"; }
 per() { num "($1) * 1000 / $tick / $N"; }
 echo "{\"creates\": $N, \"rate\": $RATE, \"creates_s\": $(num "$t1 - $t0"), \"all_final_s\": $([ "$LIMIT" = 0 ] && echo null || num "$t2 - $t0"), \"cpu_ms_per_create\": {\"nats-server\": $(per "$(ticks "$NATS_PID") - $n0"), \"herald\": $(per "$(ticks "$SERVE") - $h0"), \"postgres\": $(per "$(pg_ticks) - $p0")}, \"db_transactions_per_create\": $(num "($x1 - $x0) / $N")}"
-report_warnings "$LOG"
-rm -f "$LOG"
+stop_serve
