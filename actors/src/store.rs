@@ -424,13 +424,20 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let marks: Vec<String> = (1..=ids.len()).map(|k| format!("${k}")).collect();
-        let sql = format!(
-            "SELECT id, kind, name, inform_type, title, body, audience, status, buckets_total, \
-             created_at, coupon_id FROM campaign WHERE id IN ({})",
-            marks.join(", ")
-        );
-        let values = ids.iter().map(|id| (*id).into()).collect();
+        const COLUMNS: &str = "id, kind, name, inform_type, title, body, audience, status, \
+             buckets_total, created_at, coupon_id";
+        // PostgreSQL takes the ids as one array: one statement text for any number of them.
+        let (sql, values) = if self.db.get_database_backend() == DbBackend::Postgres {
+            let sql = format!("SELECT {COLUMNS} FROM campaign WHERE id = ANY($1::bigint[])");
+            (sql, vec![ids.to_vec().into()])
+        } else {
+            let marks: Vec<String> = (1..=ids.len()).map(|k| format!("${k}")).collect();
+            let sql = format!(
+                "SELECT {COLUMNS} FROM campaign WHERE id IN ({})",
+                marks.join(", ")
+            );
+            (sql, ids.iter().map(|id| (*id).into()).collect())
+        };
         CampaignRow::find_by_statement(stmt(&self.db, &sql, values))
             .all(&self.db)
             .await?
@@ -515,27 +522,25 @@ impl Store {
             return Ok(());
         }
         if self.db.get_database_backend() == DbBackend::Postgres {
-            let rows: Vec<String> = (0..sharded.len())
-                .map(|i| format!("(${}::bigint, ${}::bigint)", 2 * i + 2, 2 * i + 3))
-                .collect();
+            // The pairs as two arrays: one statement text for any batch size, so each
+            // connection parses and plans it once. `id = ANY` makes PostgreSQL look the rows
+            // up by key; joined with a list of values alone it scanned the whole table.
             let sql = format!(
-                "WITH v(id, buckets) AS (VALUES {}), \
-                 c AS (UPDATE campaign SET {} FROM (SELECT id, buckets, $1::timestamptz AS now \
-                 FROM v) v WHERE campaign.id = v.id AND {WHERE} \
+                "WITH c AS (UPDATE campaign SET {} \
+                 FROM (SELECT id, buckets, $1::timestamptz AS now \
+                 FROM unnest($2::bigint[], $3::bigint[]) AS u(id, buckets)) v \
+                 WHERE campaign.id = v.id AND campaign.id = ANY($2::bigint[]) AND {WHERE} \
                  RETURNING campaign.id, campaign.buckets_total) \
                  INSERT INTO campaign_progress (campaign_id, buckets_total) \
                  SELECT id, buckets_total FROM c \
                  ON CONFLICT (campaign_id) DO UPDATE SET buckets_total = excluded.buckets_total",
-                rows.join(", "),
                 SET.replace(
                     "started_at = COALESCE(started_at",
                     "started_at = COALESCE(campaign.started_at"
                 )
             );
-            let mut values: Vec<Value> = vec![now.into()];
-            for (id, buckets) in sharded {
-                values.extend([(*id).into(), (*buckets).into()]);
-            }
+            let (ids, buckets): (Vec<i64>, Vec<i64>) = sharded.iter().copied().unzip();
+            let values: Vec<Value> = vec![now.into(), ids.into(), buckets.into()];
             self.db.execute(stmt(&self.db, &sql, values)).await?;
             return Ok(());
         }

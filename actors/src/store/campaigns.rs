@@ -149,30 +149,60 @@ impl Store {
             id: i64,
             dedupe_key: String,
         }
-        let Some(pad) = owners.first() else {
+        if owners.is_empty() {
             return Ok(HashMap::new());
-        };
-        // Padded to a power of two with rows that are never inserted, so the statement text
-        // takes few shapes and each connection plans it once (prepared statement cache).
-        let count = owners.len().next_power_of_two();
-        let mut values: Vec<Value> = Vec::with_capacity(count * (VALUES_PER_ROW + 2));
-        let mut rows = Vec::with_capacity(count);
-        for i in 0..count {
-            let (b, keep) = owners.get(i).map_or((pad, false), |b| (b, true));
-            let n = values.len();
-            values.extend(row_values(b)?);
-            values.extend([b.since.into(), keep.into()]);
-            let row = (n + 1..=values.len())
-                .map(|k| format!("${k}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            rows.push(format!("({row})"));
         }
+        // One array per column: one statement text for any number of rows, so each
+        // connection parses and plans it once, and a row costs no placeholders of its own.
+        let texts = |f: &dyn Fn(&CampaignInsert) -> String| -> Value {
+            owners.iter().map(f).collect::<Vec<String>>().into()
+        };
+        let times = |f: &dyn Fn(&CampaignInsert) -> DateTime<Utc>| -> Value {
+            owners.iter().map(f).collect::<Vec<DateTime<Utc>>>().into()
+        };
+        let mut audiences = Vec::with_capacity(owners.len());
+        for b in owners {
+            audiences.push(
+                serde_json::to_string(&b.campaign.audience)
+                    .map_err(|e| DbErr::Custom(e.to_string()))?,
+            );
+        }
+        // Arrays carry no NULLs here, so a missing coupon is a flag beside a 0.
+        let coupons: Vec<i64> = owners
+            .iter()
+            .map(|b| b.campaign.coupon_id.unwrap_or(0))
+            .collect();
+        let has_coupon: Vec<bool> = owners
+            .iter()
+            .map(|b| b.campaign.coupon_id.is_some())
+            .collect();
+        let values: Vec<Value> = vec![
+            texts(&|b| b.campaign.kind.clone()),
+            texts(&|b| b.campaign.name.clone()),
+            texts(&|b| b.campaign.created_by.clone()),
+            times(&|b| b.campaign.starts_at),
+            times(&|b| b.campaign.ends_at),
+            texts(&|b| b.campaign.inform_type.as_str().to_string()),
+            texts(&|b| b.campaign.title.clone()),
+            texts(&|b| b.campaign.body.clone()),
+            audiences.into(),
+            texts(&|b| b.campaign.dedupe_key.clone()),
+            times(&|b| b.now),
+            coupons.into(),
+            has_coupon.into(),
+            times(&|b| b.since),
+        ];
         // The claim updates a key only when its holder is older than the window; the claims
         // that went through return their new ids, and only those rows are inserted.
         let sql = format!(
-            "WITH v ({COLUMNS}, since, keep) AS (VALUES {}), \
-             n AS (SELECT nextval('campaign_id_seq') AS id, v.* FROM v WHERE v.keep), \
+            "WITH v AS (SELECT kind, name, created_by, starts_at, ends_at, inform_type, title, \
+               body, audience, dedupe_key, created_at, \
+               CASE WHEN has_coupon THEN coupon_id END AS coupon_id, since \
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
+               $5::timestamptz[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+               $11::timestamptz[], $12::bigint[], $13::bool[], $14::timestamptz[]) \
+               AS u({COLUMNS}, has_coupon, since)), \
+             n AS (SELECT nextval('campaign_id_seq') AS id, v.* FROM v), \
              claimed AS (INSERT INTO campaign_dedupe AS d (dedupe_key, campaign_id, created_at) \
                SELECT n.dedupe_key, n.id, n.created_at FROM n \
                ON CONFLICT (dedupe_key) DO UPDATE \
@@ -184,8 +214,7 @@ impl Store {
              n.title, n.body, n.audience, n.dedupe_key, n.created_at, n.coupon_id, 'pending', \
              0, 0, 0, 0 \
              FROM n WHERE n.id IN (SELECT campaign_id FROM claimed) \
-             RETURNING id, dedupe_key",
-            rows.join(", ")
+             RETURNING id, dedupe_key"
         );
         Ok(Row::find_by_statement(stmt(&self.db, &sql, values))
             .all(&self.db)
