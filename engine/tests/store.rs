@@ -2,7 +2,8 @@
 //! creates, repeats within the batch and within the window recognised, padding rows never
 //! inserted, racing repeats inserted once; and finished push batches recorded many per statement, a batch recorded before
 //! left as it was; a record answering the campaigns it completed; a bucket's users read as
-//! one aggregated row, in order, on both.
+//! one aggregated row, in order, on both; and, on PostgreSQL, the lookups of campaigns by id
+//! using the primary key on a table that grew after their plans were made.
 
 use chrono::{Duration as Span, Utc};
 use herald_engine::{
@@ -352,6 +353,128 @@ async fn sharding_completes_an_empty_audience_on_sqlite() {
 #[tokio::test]
 async fn sharding_completes_an_empty_audience_on_postgres() {
     on_postgres("storesharding", sharding_on).await;
+}
+
+/// A connection keeps its plan of a statement once it has run it a few times. The sharder's
+/// lookups of campaigns by id must use the primary key even when that plan was made while
+/// the table was nearly empty: a plan that scans the table, or every pending campaign
+/// through the status index, costs more with every campaign.
+#[tokio::test]
+async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
+    let env = TestEnv::new("storeplans").await.unwrap();
+    let url = env.config.database.url.clone();
+    // The environment's connections migrated the database, which scans the table; a
+    // backend publishes its counts when it ends, so they end before the counts are read.
+    env.db.clone().close().await.unwrap();
+    env.run_test(async move {
+        let db = herald_engine::engine::connect_db(&url, 1).await.unwrap();
+        let (seq0, status0) = campaign_scans(&db).await;
+        // One connection, so each statement is planned on it while the table is tiny.
+        let one = herald_engine::engine::connect_db(&url, 1).await.unwrap();
+        let store = Store::new(one.clone());
+        let many: Vec<NewCampaign> = (0..2001).map(|i| campaign(&format!("k{i}"))).collect();
+        let refs: Vec<&NewCampaign> = many.iter().collect();
+        let mut ids = Vec::new();
+        let (first, rest) = refs.split_first().unwrap();
+        let rows = batch(&[first], Utc::now(), Utc::now());
+        ids.extend(
+            store
+                .insert_campaigns(&rows)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id),
+        );
+        for _ in 0..8 {
+            store.campaigns(&ids).await.unwrap();
+            store
+                .set_sharded_all(&[(ids[0], 1)], Utc::now())
+                .await
+                .unwrap();
+        }
+        // The table grows by 2,000 pending campaigns; the same plans look them up.
+        for chunk in rest.chunks(100) {
+            let rows = batch(chunk, Utc::now(), Utc::now());
+            ids.extend(
+                store
+                    .insert_campaigns(&rows)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+        }
+        for chunk in ids[1..].chunks(16) {
+            assert_eq!(store.campaigns(chunk).await.unwrap().len(), chunk.len());
+            let empty: Vec<(i64, i64)> = chunk.iter().map(|id| (*id, 0)).collect();
+            store.set_sharded_all(&empty, Utc::now()).await.unwrap();
+        }
+        one.close().await.unwrap();
+        let (seq, status) = campaign_scans(&db).await;
+        assert_eq!(
+            (seq - seq0, status - status0),
+            (0, 0),
+            "scans of the whole campaign table, and of the status index, while looking \
+             campaigns up by id"
+        );
+        assert_eq!(
+            completed(&db).await,
+            2000,
+            "every campaign of the batches completed"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Sequential scans of `campaign` and scans of its status index, once the backends that
+/// made them have exited.
+async fn campaign_scans(db: &DatabaseConnection) -> (i64, i64) {
+    #[derive(FromQueryResult, PartialEq, Clone, Copy)]
+    struct N {
+        seq: i64,
+        status: i64,
+    }
+    let read = || async {
+        N::find_by_statement(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT t.seq_scan AS seq, i.idx_scan AS status FROM pg_stat_user_tables t \
+             JOIN pg_stat_user_indexes i ON i.relid = t.relid AND i.indexrelname = 'ix_campaign_status' \
+             WHERE t.relname = 'campaign'"
+                .to_string(),
+        ))
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap()
+    };
+    // Until two reads 300 ms apart agree: an exited backend's counts land shortly after.
+    let mut last = read().await;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = read().await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    (last.seq, last.status)
+}
+
+async fn completed(db: &DatabaseConnection) -> i64 {
+    #[derive(FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    N::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT COUNT(*) AS n FROM campaign WHERE status = 'completed'".to_string(),
+    ))
+    .one(db)
+    .await
+    .unwrap()
+    .unwrap()
+    .n
 }
 
 /// An in-memory SQLite database, one connection.
