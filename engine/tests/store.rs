@@ -1,6 +1,6 @@
 //! The campaign store's batch inserts, on SQLite and PostgreSQL: one statement for many
-//! creates, repeats within the batch and within the window recognised, padding rows never
-//! inserted, racing repeats inserted once; and finished push batches recorded many per statement, a batch recorded before
+//! creates, repeats within the batch and within the window recognised, racing repeats
+//! inserted once; and finished push batches recorded many per statement, a batch recorded before
 //! left as it was; a record answering the campaigns it completed; a bucket's users read as
 //! one aggregated row, in order, on both; and, on PostgreSQL, the lookups of campaigns by id
 //! using the primary key on a table that grew after their plans were made.
@@ -65,12 +65,16 @@ async fn batch_insert_on(db: DatabaseConnection) {
     let now = Utc::now();
     let since = now - Span::minutes(30);
     let (a, b, c) = (campaign("a"), campaign("b"), campaign("c"));
-    // Three distinct and one repeat: padded to four rows, three inserted.
+    // Three distinct and one repeat: three inserted.
     let first = store
         .insert_campaigns(&batch(&[&a, &b, &a, &c], now, since))
         .await
         .unwrap();
-    assert_eq!(rows(&db).await, 3, "padding rows are never inserted");
+    assert_eq!(
+        rows(&db).await,
+        3,
+        "a repeat within the batch is not inserted"
+    );
     assert!(first[0].1 && first[1].1 && !first[2].1 && first[3].1);
     assert_eq!(first[2].0, first[0].0, "the repeat gets the first one's id");
     let ids: std::collections::HashSet<i64> = first.iter().map(|r| r.0).collect();
@@ -88,6 +92,28 @@ async fn batch_insert_on(db: DatabaseConnection) {
         .await
         .unwrap();
     assert!(later.1 && later.0 != first[0].0);
+    // Every column comes back as it went in, a coupon among them, beside one without.
+    let mut d = campaign("d");
+    d.coupon_id = Some(42);
+    d.audience = Audience::Segment(SegmentFilter {
+        min_points: Some(5),
+        ..Default::default()
+    });
+    let (id, _) = store.insert_campaign(&d, now, since).await.unwrap();
+    let read = store.campaigns(&[id, first[0].0]).await.unwrap();
+    let back = read.iter().find(|c| c.id == id).unwrap();
+    assert_eq!(
+        (back.name.as_str(), back.title.as_str(), back.body.as_str()),
+        ("campaign d", "t", "b")
+    );
+    assert_eq!((back.coupon_id, &back.audience), (Some(42), &d.audience));
+    assert_eq!(
+        back.epoch,
+        now.timestamp_millis(),
+        "the creation time is the epoch"
+    );
+    let other = read.iter().find(|c| c.id == first[0].0).unwrap();
+    assert_eq!(other.coupon_id, None);
 }
 
 /// Creates with one dedupe key racing on separate connections, with no Redis in front:
