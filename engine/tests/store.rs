@@ -30,13 +30,18 @@ fn campaign(key: &str) -> NewCampaign {
 }
 
 async fn rows(db: &DatabaseConnection) -> i64 {
+    rows_where(db, "TRUE").await
+}
+
+/// The campaigns for which `condition` holds.
+async fn rows_where(db: &DatabaseConnection, condition: &str) -> i64 {
     #[derive(FromQueryResult)]
     struct N {
         n: i64,
     }
     N::find_by_statement(Statement::from_string(
         db.get_database_backend(),
-        "SELECT COUNT(*) AS n FROM campaign".to_string(),
+        format!("SELECT COUNT(*) AS n FROM campaign WHERE {condition}"),
     ))
     .one(db)
     .await
@@ -402,15 +407,7 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
         let refs: Vec<&NewCampaign> = many.iter().collect();
         let mut ids = Vec::new();
         let (first, rest) = refs.split_first().unwrap();
-        let rows = batch(&[first], Utc::now(), Utc::now());
-        ids.extend(
-            store
-                .insert_campaigns(&rows)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(id, _)| id),
-        );
+        ids.extend(insert_ids(&store, &[first]).await);
         for _ in 0..8 {
             store.campaigns(&ids).await.unwrap();
             store
@@ -420,15 +417,7 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
         }
         // The table grows by 2,000 pending campaigns; the same plans look them up.
         for chunk in rest.chunks(100) {
-            let rows = batch(chunk, Utc::now(), Utc::now());
-            ids.extend(
-                store
-                    .insert_campaigns(&rows)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|(id, _)| id),
-            );
+            ids.extend(insert_ids(&store, chunk).await);
         }
         for chunk in ids[1..].chunks(16) {
             assert_eq!(store.campaigns(chunk).await.unwrap().len(), chunk.len());
@@ -444,13 +433,20 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
              campaigns up by id"
         );
         assert_eq!(
-            completed(&db).await,
+            rows_where(&db, "status = 'completed'").await,
             2000,
             "every campaign of the batches completed"
         );
     })
     .await
     .unwrap();
+}
+
+/// Inserts `campaigns` in one call and returns their ids.
+async fn insert_ids(store: &Store, campaigns: &[&NewCampaign]) -> Vec<i64> {
+    let rows = batch(campaigns, Utc::now(), Utc::now());
+    let inserted = store.insert_campaigns(&rows).await.unwrap();
+    inserted.into_iter().map(|(id, _)| id).collect()
 }
 
 /// Sequential scans of `campaign` and scans of its status index, once the backends that
@@ -485,22 +481,6 @@ async fn campaign_scans(db: &DatabaseConnection) -> (i64, i64) {
         last = now;
     }
     (last.seq, last.status)
-}
-
-async fn completed(db: &DatabaseConnection) -> i64 {
-    #[derive(FromQueryResult)]
-    struct N {
-        n: i64,
-    }
-    N::find_by_statement(Statement::from_string(
-        db.get_database_backend(),
-        "SELECT COUNT(*) AS n FROM campaign WHERE status = 'completed'".to_string(),
-    ))
-    .one(db)
-    .await
-    .unwrap()
-    .unwrap()
-    .n
 }
 
 /// An in-memory SQLite database, one connection.
