@@ -160,13 +160,10 @@ impl Store {
         let times = |f: &dyn Fn(&CampaignInsert) -> DateTime<Utc>| -> Value {
             owners.iter().map(f).collect::<Vec<DateTime<Utc>>>().into()
         };
-        let mut audiences = Vec::with_capacity(owners.len());
-        for b in owners {
-            audiences.push(
-                serde_json::to_string(&b.campaign.audience)
-                    .map_err(|e| DbErr::Custom(e.to_string()))?,
-            );
-        }
+        let audiences = owners
+            .iter()
+            .map(|b| audience_json(b.campaign))
+            .collect::<Result<Vec<String>, DbErr>>()?;
         // Arrays carry no NULLs here, so a missing coupon is a flag beside a 0.
         let coupons: Vec<i64> = owners
             .iter()
@@ -290,7 +287,7 @@ async fn claim_of<C: ConnectionTrait>(conn: &C, dedupe_key: &str) -> Result<Opti
 /// The values of [`COLUMNS`] for one campaign.
 fn row_values(b: &CampaignInsert) -> Result<[Value; VALUES_PER_ROW], DbErr> {
     let c = b.campaign;
-    let audience = serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))?;
+    let audience = audience_json(c)?;
     Ok([
         c.kind.clone().into(),
         c.name.clone().into(),
@@ -305,4 +302,9 @@ fn row_values(b: &CampaignInsert) -> Result<[Value; VALUES_PER_ROW], DbErr> {
         b.now.into(),
         c.coupon_id.into(),
     ])
+}
+
+/// A campaign's audience as stored: JSON text.
+fn audience_json(c: &NewCampaign) -> Result<String, DbErr> {
+    serde_json::to_string(&c.audience).map_err(|e| DbErr::Custom(e.to_string()))
 }
