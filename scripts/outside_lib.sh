@@ -2,6 +2,16 @@
 # outside_startup.sh); sourced, not run. Needs nats-py, psql and redis-cli.
 
 PG=(env PGOPTIONS='-c client_min_messages=warning' psql -q -h 127.0.0.1 -U postgres)
+BIN=${HERALD_BIN:-target/release/herald}
+
+# Names this run's database $1 and NATS prefix $2 (in $DB and $PREFIX) and points
+# `herald serve` at them.
+name_run() {
+    DB=$1
+    PREFIX=$2
+    export HERALD__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=disable"
+    export HERALD__NATS__PREFIX=$PREFIX
+}
 
 # Starts `$BIN serve` in the background, its PID in $SERVE and its output in the file $LOG,
 # and waits until its API answers.

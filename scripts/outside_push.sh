@@ -17,16 +17,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=${HERALD_BIN:-target/release/herald}
 USERS=${USERS:-1000000}
 RUNS=${RUNS:-3}
 # shellcheck source=scripts/outside_lib.sh
 . scripts/outside_lib.sh
-DB=herald_outside
-PREFIX=hout$$
-export HERALD__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=disable"
+name_run herald_outside hout$$
 export HERALD__DATABASE__MAX_CONNECTIONS=16 HERALD__DATABASE__MIN_CONNECTIONS=16
-export HERALD__NATS__PREFIX=$PREFIX
 export HERALD__PROVIDERS__APP__KIND=simulated
 export HERALD__PIPELINE__PUSH__CONCURRENCY=3600 HERALD__PIPELINE__PUSH__MAX_ACK_PENDING=7200
 export HERALD__PIPELINE__SEND_CONCURRENCY=360000

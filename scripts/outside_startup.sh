@@ -18,15 +18,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=${HERALD_BIN:-target/release/herald}
 RATE=${RATE:-0}
 EACH=${EACH:-20}
 # shellcheck source=scripts/outside_lib.sh
 . scripts/outside_lib.sh
-DB=herald_startup
-PREFIX=hstart$$
-export HERALD__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB?sslmode=disable"
-export HERALD__NATS__PREFIX=$PREFIX
+name_run herald_startup hstart$$
 
 start_run
 start_serve

@@ -405,9 +405,8 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
         let store = Store::new(one.clone());
         let many: Vec<NewCampaign> = (0..2001).map(|i| campaign(&format!("k{i}"))).collect();
         let refs: Vec<&NewCampaign> = many.iter().collect();
-        let mut ids = Vec::new();
         let (first, rest) = refs.split_first().unwrap();
-        ids.extend(insert_ids(&store, &[first]).await);
+        let mut ids = insert_ids(&store, &[first]).await;
         for _ in 0..8 {
             store.campaigns(&ids).await.unwrap();
             store
