@@ -9,12 +9,14 @@
 //! consumer of its own per campaign: a campaign whose audience is empty is done without any
 //! consumer being created for it (see `campaign_supervisor`).
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
-use futures::future::join_all;
+use futures::{future::join_all, stream, StreamExt};
 use herald_nats::{publish_all, Delivery, Outcome, Outgoing};
-use herald_schemas::{decode, encode, Audience, BucketTask, CampaignCreated, Subjects};
+use herald_schemas::{
+    decode, encode, Audience, BucketTask, CampaignCreated, CampaignRef, Subjects,
+};
 
 use crate::{
     context::{Shared, StageSettings},
@@ -37,8 +39,8 @@ impl Sharder {
         Self { shared }
     }
 
-    /// The campaign a delivery announces, or why it is rejected.
-    fn parse(d: &Delivery) -> Result<CampaignCreated, Outcome> {
+    /// The campaigns a delivery announces, or why it is rejected.
+    fn parse(d: &Delivery) -> Result<Vec<CampaignRef>, Outcome> {
         let created: CampaignCreated = decode(&d.payload).map_err(|e| Outcome::Reject {
             reason: format!("undecodable CampaignCreated: {e}"),
         })?;
@@ -55,27 +57,28 @@ impl Sharder {
                 ),
             });
         }
-        Ok(created)
+        Ok(created.campaigns().collect())
     }
 
     /// Shards a batch of announcements: one read of their campaigns, one read of the bounds
     /// of each distinct audience, one statement that completes those with an empty
-    /// audience, and the buckets of the rest, each on its own.
+    /// audience, and the buckets of the rest, each on its own. A delivery is done once
+    /// every campaign it names is; one that fails has it redelivered, and the campaigns
+    /// already sharded are then skipped.
     async fn shard_batch(&self, batch: &[Delivery]) -> Vec<Outcome> {
         let store = &self.shared.store;
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(batch.len());
-        let mut ids = Vec::new();
-        let mut wanted: Vec<(usize, CampaignCreated)> = Vec::new();
+        let mut wanted: Vec<(usize, CampaignRef)> = Vec::new();
         for (i, d) in batch.iter().enumerate() {
             match Self::parse(d) {
-                Ok(c) => {
-                    ids.push(c.campaign_id);
-                    wanted.push((i, c));
+                Ok(refs) => {
+                    wanted.extend(refs.into_iter().map(|r| (i, r)));
                     outcomes.push(Outcome::Done);
                 }
                 Err(o) => outcomes.push(o),
             }
         }
+        let mut ids: Vec<i64> = wanted.iter().map(|(_, r)| r.campaign_id).collect();
         ids.sort_unstable();
         ids.dedup();
         let found = match store.campaigns(&ids).await {
@@ -89,11 +92,14 @@ impl Sharder {
                 return outcomes;
             }
         };
-        // The deliveries that still need sharding, one per campaign; the others are done.
-        let mut todo: Vec<(Vec<usize>, Campaign)> = Vec::new();
+        let found: HashMap<i64, Campaign> = found.into_iter().map(|c| (c.id, c)).collect();
+        // The campaigns that still need sharding, each with the deliveries that name it; the
+        // others are done.
+        let mut todo: Vec<(Vec<usize>, &Campaign)> = Vec::new();
+        let mut todo_at: HashMap<i64, usize> = HashMap::new();
         for (i, created) in wanted {
             let id = created.campaign_id;
-            let Some(campaign) = found.iter().find(|c| c.id == id) else {
+            let Some(campaign) = found.get(&id) else {
                 // The API commits the row before it announces, so this is an announcement of
                 // a database that was since recreated: nothing to do.
                 tracing::debug!(
@@ -114,9 +120,12 @@ impl Sharder {
             if campaign.status.is_final() || campaign.buckets_total.is_some() {
                 continue; // a duplicate CampaignCreated: already sharded
             }
-            match todo.iter_mut().find(|(_, c)| c.id == id) {
-                Some((at, _)) => at.push(i),
-                None => todo.push((vec![i], campaign.clone())),
+            match todo_at.get(&id) {
+                Some(&k) => todo[k].0.push(i),
+                None => {
+                    todo_at.insert(id, todo.len());
+                    todo.push((vec![i], campaign));
+                }
             }
         }
         // Campaigns of one batch with the same audience share one read of its bounds.
@@ -135,14 +144,22 @@ impl Sharder {
                 None => Err("no audience read".to_string()),
             }
         };
-        let results = join_all(todo.iter().map(|(_, c)| async move {
-            match bounds_of(c) {
-                Ok(Some((lo, hi))) => self.shard(c, lo, hi).await.map(|()| true),
-                Ok(None) => Ok(false),
-                Err(reason) => Err(reason),
-            }
-        }))
-        .await;
+        // A message may name many campaigns: at most a batch's worth are sharded at once.
+        let shards: Vec<_> = todo
+            .iter()
+            .map(|&(_, c)| {
+                let bounds = bounds_of(c);
+                async move {
+                    match bounds {
+                        Ok(Some((lo, hi))) => self.shard(c, lo, hi).await.map(|()| true),
+                        Ok(None) => Ok(false),
+                        Err(reason) => Err(reason),
+                    }
+                }
+            })
+            .collect();
+        let results: Vec<Result<bool, String>> =
+            stream::iter(shards).buffered(SHARD_BATCH).collect().await;
         let mut empty = Vec::new();
         for ((at, campaign), result) in todo.iter().zip(results) {
             let outcome = match result {
@@ -261,6 +278,10 @@ impl Sharder {
     }
 }
 
+/// Most campaigns one `CampaignCreated` names: a sharder batch of such messages then holds
+/// at most `SHARD_BATCH` × this many campaigns.
+pub const ANNOUNCE_MAX: usize = 16;
+
 /// Publishes a campaign's `CampaignCreated` (message id `created:ID.EPOCH`, so repeats inside the
 /// dedupe window are dropped, and the sharder skips a campaign already sharded after it).
 /// A failure is logged: the campaign's supervisor announces a pending campaign again.
@@ -273,27 +294,38 @@ pub async fn announce(
     announce_all(js, subjects, &[(id, epoch)]).await
 }
 
-/// Publishes `CampaignCreated` for each (campaign id, epoch), pipelined, then awaits the acks.
+/// Publishes `CampaignCreated` for the (campaign id, epoch) pairs, [`ANNOUNCE_MAX`] to a
+/// message (each on the subject and with the message id of its first campaign), pipelined,
+/// then awaits the acks. One stream message per campaign cost the server a store, an ack, a
+/// delivery and the sharder's ack each, for a message of a few bytes.
 pub async fn announce_all(
     js: &async_nats::jetstream::Context,
     subjects: &Subjects,
     campaigns: &[(i64, i64)],
 ) {
-    let mut out = Vec::with_capacity(campaigns.len());
-    for (id, epoch) in campaigns {
-        match encode(&CampaignCreated::new(*id).with_epoch(*epoch)) {
+    let refs: Vec<CampaignRef> = campaigns
+        .iter()
+        .map(|&(campaign_id, epoch)| CampaignRef { campaign_id, epoch })
+        .collect();
+    let mut out = Vec::with_capacity(refs.len().div_ceil(ANNOUNCE_MAX));
+    for chunk in refs.chunks(ANNOUNCE_MAX) {
+        let Some(created) = CampaignCreated::all(chunk) else {
+            continue;
+        };
+        let (id, epoch) = (created.campaign_id, created.epoch);
+        match encode(&created) {
             Ok(payload) => out.push(Outgoing {
-                subject: subjects.campaign_created(*id),
+                subject: subjects.campaign_created(id),
                 msg_id: format!("created:{id}.{epoch}"),
                 payload: payload.into(),
             }),
             Err(e) => {
-                tracing::error!(campaign_id = id, error = %e, "encoding CampaignCreated failed")
+                tracing::error!(campaign_id = id, campaigns = chunk.len(), error = %e, "encoding CampaignCreated failed")
             }
         }
     }
     if let Err(e) = publish_all(js, &out).await {
-        tracing::warn!(campaigns = out.len(), error = %e, "announcing campaigns failed; they will be retried");
+        tracing::warn!(campaigns = refs.len(), error = %e, "announcing campaigns failed; they will be retried");
     }
 }
 

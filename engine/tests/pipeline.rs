@@ -492,6 +492,59 @@ async fn an_empty_audience_completes_without_consumers_of_its_own() {
     .unwrap();
 }
 
+// The API announces the campaigns created within a few milliseconds of each other in one
+// stream message each 16 (`sharder::ANNOUNCE_MAX`), and the sharder runs every campaign a
+// message names: here campaigns with users and campaigns without, mixed in one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_created_together_share_announcements_and_all_run() {
+    let env = TestEnv::new("together").await.unwrap();
+    env.run_test(async {
+        env.seed(300).await.unwrap();
+        let (engine, ledger) = start_simulated(&env, 0).await;
+        let requests: Vec<CreateCampaignRequest> = (0..40)
+            .map(|i| {
+                let mut req = promo(&format!("together {i}"));
+                if i % 2 == 1 {
+                    req.audience = Audience::Segment(SegmentFilter {
+                        min_points: Some(1_000_000_000),
+                        ..Default::default()
+                    });
+                }
+                req
+            })
+            .collect();
+        let replies = futures::future::join_all(requests.iter().map(|r| env.create(r))).await;
+        let ids: Vec<i64> = replies
+            .into_iter()
+            .map(|r| r.unwrap().unwrap().campaign_id)
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let s = env.wait_completed(*id, LONG).await.unwrap();
+            let users = if i % 2 == 0 { 300 } else { 0 };
+            assert_eq!((s.recipients, s.sent), (users, users), "campaign {i}");
+            if users > 0 {
+                assert!(ledger.missing(*id, 1..=300).is_empty(), "campaign {i}");
+            }
+        }
+        assert_eq!(ledger.total(), 20 * 300);
+        assert_eq!(ledger.duplicates(), 0);
+
+        let js = async_nats::jetstream::new(env.nats.clone());
+        let s = env.subjects();
+        let mut campaigns = js.get_stream(s.campaigns_stream()).await.unwrap();
+        let messages = campaigns.info().await.unwrap().state.messages;
+        assert!(
+            (3..=20).contains(&messages),
+            "40 campaigns created together were announced in {messages} messages"
+        );
+        let mut dl = js.get_stream(s.dead_letter_stream()).await.unwrap();
+        assert_eq!(dl.info().await.unwrap().state.messages, 0);
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_campaign_reaches_exactly_the_segment() {
     let env = TestEnv::new("segment").await.unwrap();

@@ -55,6 +55,21 @@ pub struct CampaignCreated {
     pub epoch: i64,
     /// The campaign's database id.
     pub campaign_id: i64,
+    /// Campaigns announced by the same message after the first: one stream message for the
+    /// creates that finish together instead of one each. A reader that predates the field
+    /// takes only the first; the others then stay pending until their supervisors announce
+    /// them again, one by one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<CampaignRef>,
+}
+
+/// A campaign named in a [`CampaignCreated`] beside its first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignRef {
+    /// The campaign's database id.
+    pub campaign_id: i64,
+    /// Its creation time in ms (see [`CampaignCreated::epoch`]).
+    pub epoch: i64,
 }
 
 impl CampaignCreated {
@@ -64,6 +79,7 @@ impl CampaignCreated {
             v: SCHEMA_VERSION,
             epoch: 0,
             campaign_id,
+            more: Vec::new(),
         }
     }
 
@@ -71,6 +87,24 @@ impl CampaignCreated {
     pub fn with_epoch(mut self, epoch: i64) -> Self {
         self.epoch = epoch;
         self
+    }
+
+    /// One message announcing `campaigns` (at least one), the first in the plain fields.
+    pub fn all(campaigns: &[CampaignRef]) -> Option<Self> {
+        let (first, more) = campaigns.split_first()?;
+        Some(Self {
+            more: more.to_vec(),
+            ..Self::new(first.campaign_id).with_epoch(first.epoch)
+        })
+    }
+
+    /// Every campaign the message announces, the first first.
+    pub fn campaigns(&self) -> impl Iterator<Item = CampaignRef> + '_ {
+        let first = CampaignRef {
+            campaign_id: self.campaign_id,
+            epoch: self.epoch,
+        };
+        std::iter::once(first).chain(self.more.iter().copied())
     }
 }
 
@@ -255,6 +289,37 @@ mod tests {
         .unwrap();
         let back: CampaignCreated = decode(&bytes).unwrap();
         assert_eq!(back.campaign_id, 7);
+    }
+
+    #[test]
+    fn one_message_announces_several_campaigns_and_older_readers_take_the_first() {
+        let refs = [(7, 70), (8, 80), (9, 90)]
+            .map(|(campaign_id, epoch)| CampaignRef { campaign_id, epoch });
+        let created = CampaignCreated::all(&refs).unwrap();
+        let back: CampaignCreated = decode(&encode(&created).unwrap()).unwrap();
+        assert_eq!(back.campaigns().collect::<Vec<_>>(), refs);
+        assert!(CampaignCreated::all(&[]).is_none());
+
+        // What a node built before `more` reads of it: the first campaign alone.
+        let older: Before = decode(&encode(&created).unwrap()).unwrap();
+        assert_eq!((older.campaign_id, older.epoch), (7, 70));
+
+        // A message of one campaign is written as before, without the field.
+        let one = CampaignCreated::new(7).with_epoch(70);
+        let before = Before {
+            v: SCHEMA_VERSION,
+            epoch: 70,
+            campaign_id: 7,
+        };
+        assert_eq!(encode(&one).unwrap(), encode(&before).unwrap());
+    }
+
+    /// `CampaignCreated` as it was before `more`.
+    #[derive(Serialize, Deserialize)]
+    struct Before {
+        v: u16,
+        epoch: i64,
+        campaign_id: i64,
     }
 
     #[test]
