@@ -20,6 +20,17 @@ fn promo(name: &str) -> CreateCampaignRequest {
     }
 }
 
+/// A promotion for a segment nobody is in.
+fn promo_to_nobody(name: &str) -> CreateCampaignRequest {
+    CreateCampaignRequest {
+        audience: Audience::Segment(SegmentFilter {
+            min_points: Some(1_000_000_000),
+            ..Default::default()
+        }),
+        ..promo(name)
+    }
+}
+
 fn simulated(latency_ms: u64) -> Arc<SimulatedProvider> {
     Arc::new(SimulatedProvider::new(SimulatedConfig {
         latency_ms,
@@ -97,13 +108,11 @@ async fn campaigns_complete_without_waiting_for_the_progress_check() {
         config.pipeline.progress_interval_ms = 600_000;
         let (engine, ledger) = start_simulated_on(config, 0).await;
         let everyone = env.create(&promo("everyone")).await.unwrap().unwrap();
-        let mut empty = promo("nobody");
-        empty.audience = Audience::Segment(herald_engine::schemas::SegmentFilter {
-            member_levels: None,
-            min_points: Some(1_000_000_000),
-            min_active_days: None,
-        });
-        let nobody = env.create(&empty).await.unwrap().unwrap();
+        let nobody = env
+            .create(&promo_to_nobody("nobody"))
+            .await
+            .unwrap()
+            .unwrap();
         let within = Duration::from_secs(30);
         let s = env
             .wait_completed(everyone.campaign_id, within)
@@ -450,12 +459,11 @@ async fn an_empty_audience_completes_without_consumers_of_its_own() {
         env.nats.flush().await.unwrap();
         let (engine, ledger) = start_simulated(&env, 0).await;
 
-        let mut nobody = promo("nobody");
-        nobody.audience = Audience::Segment(SegmentFilter {
-            min_points: Some(1_000_000_000),
-            ..Default::default()
-        });
-        let empty = env.create(&nobody).await.unwrap().unwrap();
+        let empty = env
+            .create(&promo_to_nobody("nobody"))
+            .await
+            .unwrap()
+            .unwrap();
         let s_empty = env.wait_completed(empty.campaign_id, LONG).await.unwrap();
         assert_eq!((s_empty.buckets_total, s_empty.recipients), (0, 0));
         // A campaign with an audience gets its stages, so the advisories are seen.
@@ -502,15 +510,9 @@ async fn campaigns_created_together_share_announcements_and_all_run() {
         env.seed(300).await.unwrap();
         let (engine, ledger) = start_simulated(&env, 0).await;
         let requests: Vec<CreateCampaignRequest> = (0..40)
-            .map(|i| {
-                let mut req = promo(&format!("together {i}"));
-                if i % 2 == 1 {
-                    req.audience = Audience::Segment(SegmentFilter {
-                        min_points: Some(1_000_000_000),
-                        ..Default::default()
-                    });
-                }
-                req
+            .map(|i| match i % 2 {
+                0 => promo(&format!("together {i}")),
+                _ => promo_to_nobody(&format!("together {i}")),
             })
             .collect();
         let replies = futures::future::join_all(requests.iter().map(|r| env.create(r))).await;
