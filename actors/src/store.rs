@@ -138,7 +138,7 @@ pub struct Progress {
 
 impl Progress {
     /// Whether a campaign sharded into `buckets_total` buckets has every bucket expanded and
-    /// every push batch finished. [`COMPLETE`] says the same in SQL.
+    /// every push batch finished. `COMPLETE` says the same in SQL.
     pub fn is_complete(&self, buckets_total: i64) -> bool {
         self.buckets_done >= buckets_total && self.batches_done >= self.parts_total
     }
