@@ -1,5 +1,5 @@
 //! The NATS request/reply API: `<prefix>.api.campaign.create` and `.status`, and
-//! `<prefix>.api.coupon.create`, `.claim` and `.status` ([`coupons`]). Bodies are JSON, or
+//! `<prefix>.api.coupon.create`, `.claim` and `.status` (the `coupons` module). Bodies are JSON, or
 //! MessagePack with
 //! `Content-Type: application/msgpack`; the reply uses the request's encoding. Every node
 //! serves in one queue group, so requests spread over the nodes.

@@ -1,7 +1,7 @@
 //! herald: a campaign push engine on NATS JetStream.
 //!
 //! Embed it with [`Engine`]: load a [`Config`], optionally plug in your own
-//! [`Provider`](herald_actors::provider::Provider)s, start it, and create campaigns through
+//! [`Provider`]s, start it, and create campaigns through
 //! the NATS API ([`api`]). The `herald` binary wraps the same pieces in a CLI.
 //!
 //! ```no_run
