@@ -43,6 +43,8 @@ pub struct Measured {
     pub lat: Latencies,
     /// When the full node's create-burst campaigns were all final, after the first create.
     pub campaigns_final: Option<std::time::Duration>,
+    /// The full node's creates paced at `--create-rate`.
+    pub lat_paced: Option<Latencies>,
     pub lat_api: Latencies,
     pub lat_api_paced: Option<Latencies>,
     pub lat_floor: Latencies,
@@ -139,6 +141,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         bases,
         lat,
         campaigns_final,
+        lat_paced,
         lat_api,
         lat_api_paced,
         lat_floor,
@@ -288,8 +291,16 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         ("floor: request/reply, no-op reply".to_string(), &lat_floor),
         ("floor: reply after a commit".to_string(), &lat_commit_floor),
     ];
-    if let (Some(p), Some(f), Some(c)) = (&lat_api_paced, &lat_floor_paced, &lat_commit_floor_paced)
-    {
+    if let (Some(full), Some(p), Some(f), Some(c)) = (
+        &lat_paced,
+        &lat_api_paced,
+        &lat_floor_paced,
+        &lat_commit_floor_paced,
+    ) {
+        rows.push((
+            format!("create latency, paced {:.0}/s", run.create_rate),
+            full,
+        ));
         rows.push((format!("API-only, paced {:.0}/s", run.create_rate), p));
         rows.push((format!("floor, paced {:.0}/s", run.create_rate), f));
         rows.push((format!("commit floor, paced {:.0}/s", run.create_rate), c));
@@ -333,6 +344,7 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         "request_reply_floor_ms": lat_floor.json(),
         "commit_floor_ms": lat_commit_floor.json(),
         "create_rate_per_s": lat_api_paced.as_ref().map(|_| run.create_rate),
+        "create_latency_paced_ms": lat_paced.as_ref().map(|l| l.json()),
         "create_latency_api_only_paced_ms": lat_api_paced.as_ref().map(|l| l.json()),
         "request_reply_floor_paced_ms": lat_floor_paced.as_ref().map(|l| l.json()),
         "commit_floor_paced_ms": lat_commit_floor_paced.as_ref().map(|l| l.json()),

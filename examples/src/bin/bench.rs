@@ -535,6 +535,7 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
     let campaigns_final =
         create_latency::campaigns_final(&env.db, started, create_latency::CAMPAIGNS_FINAL_LIMIT)
             .await?;
+    let lat_paced = paced_creates(env, args, "full").await?;
     engine.shutdown().await?;
     // The same on a node that serves only the API: the request path without fan-out load.
     let mut api_only = bench_config(env, args);
@@ -558,6 +559,7 @@ async fn measure(env: &TestEnv, args: &Args) -> anyhow::Result<Measured> {
         bases,
         lat,
         campaigns_final,
+        lat_paced,
         lat_api,
         lat_api_paced,
         lat_floor,
