@@ -13,7 +13,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
-use futures::{future::join_all, stream, StreamExt};
+use futures::{stream, StreamExt};
 use herald_nats::{publish_all, Delivery, Outcome, Outgoing};
 use herald_schemas::{
     decode, encode, Audience, BucketTask, CampaignCreated, CampaignRef, Subjects,
@@ -136,7 +136,9 @@ impl Sharder {
                 audiences.push(&c.audience);
             }
         }
-        let bounds = join_all(audiences.iter().map(|a| store.audience_bounds(a))).await;
+        // A batch may name up to 256 campaigns, so their reads are bounded as their shards are.
+        let reads: Vec<_> = audiences.iter().map(|a| store.audience_bounds(a)).collect();
+        let bounds: Vec<_> = stream::iter(reads).buffered(SHARD_BATCH).collect().await;
         let bounds_of = |c: &Campaign| {
             let at = audiences.iter().position(|a| **a == c.audience);
             match at.map(|i| &bounds[i]) {

@@ -165,14 +165,15 @@ impl Store {
             .map(|b| audience_json(b.campaign))
             .collect::<Result<Vec<String>, DbErr>>()?;
         // Arrays carry no NULLs here, so a missing coupon is a flag beside a 0.
-        let coupons: Vec<i64> = owners
+        let (coupons, has_coupon): (Vec<i64>, Vec<bool>) = owners
             .iter()
-            .map(|b| b.campaign.coupon_id.unwrap_or(0))
-            .collect();
-        let has_coupon: Vec<bool> = owners
-            .iter()
-            .map(|b| b.campaign.coupon_id.is_some())
-            .collect();
+            .map(|b| {
+                (
+                    b.campaign.coupon_id.unwrap_or(0),
+                    b.campaign.coupon_id.is_some(),
+                )
+            })
+            .unzip();
         let values: Vec<Value> = vec![
             texts(&|b| b.campaign.kind.clone()),
             texts(&|b| b.campaign.name.clone()),
