@@ -3,7 +3,8 @@
 //! inserted once; and finished push batches recorded many per statement, a batch recorded before
 //! left as it was; a record answering the campaigns it completed; a bucket's users read as
 //! one aggregated row, in order, on both; and, on PostgreSQL, the lookups of campaigns by id
-//! using the primary key on a table that grew after their plans were made.
+//! using the primary key on a table that grew after their plans were made, and the campaign
+//! insert warmed on every connection of a pool.
 
 use chrono::{Duration as Span, Utc};
 use herald_engine::{
@@ -11,7 +12,9 @@ use herald_engine::{
     schemas::{Audience, InformType, SegmentFilter},
     testkit::TestEnv,
 };
-use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement, TransactionTrait,
+};
 
 fn campaign(key: &str) -> NewCampaign {
     NewCampaign {
@@ -436,6 +439,55 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
             2000,
             "every campaign of the batches completed"
         );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn warming_opens_every_connection_with_the_campaign_insert_prepared() {
+    let env = TestEnv::new("storewarm").await.unwrap();
+    let url = env.config.database.url.clone();
+    env.run_test(async move {
+        // Opens one connection of three, as the API's pool did before it was warmed.
+        let db = herald_engine::engine::connect_db(&url, 3).await.unwrap();
+        let store = Store::new(db.clone());
+        store.warm_campaign_inserts(3).await.unwrap();
+        let pool = db.get_postgres_connection_pool();
+        assert_eq!(pool.size(), 3, "connections open after warming");
+        assert_eq!(rows(&db).await, 0, "warming inserts nothing");
+        // Held together, each of the three reads the statements prepared on itself.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(db.begin().await.unwrap());
+        }
+        #[derive(FromQueryResult)]
+        struct Count {
+            n: i64,
+        }
+        let mut prepared = Vec::new();
+        for txn in &held {
+            let n = Count::find_by_statement(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT COUNT(*) AS n FROM pg_prepared_statements \
+                 WHERE statement LIKE 'WITH v AS%INSERT INTO campaign_dedupe%'",
+            ))
+            .one(txn)
+            .await
+            .unwrap()
+            .unwrap()
+            .n;
+            prepared.push(n);
+        }
+        assert_eq!(
+            prepared,
+            vec![1, 1, 1],
+            "the insert prepared on each connection"
+        );
+        drop(held);
+        let ids = insert_ids(&store, &[&campaign("after warming")]).await;
+        assert_eq!(ids.len(), 1);
+        assert_eq!(rows(&db).await, 1);
     })
     .await
     .unwrap();

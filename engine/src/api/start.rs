@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AfterCreates, ApiService, CreateBatcher};
 use crate::{
     config::Config,
-    engine::{connect_db, connect_nats},
+    engine::{connect_db_with, connect_nats},
 };
 
 /// How long a stopping API waits for its queued Redis records and announcements.
@@ -119,7 +119,14 @@ async fn build(
     let js = async_nats::jetstream::new(nats.clone());
     let subjects = Subjects::new(config.nats.prefix.clone());
     let connections = config.api.db_connections.max(1);
-    let store = Store::new(connect_db(&config.database.url, connections).await?);
+    // Every connection open and its insert ready before the first request: a burst of
+    // creates right after a start otherwise waits for a connection to open and a statement
+    // to be prepared.
+    let store = Store::new(connect_db_with(&config.database.url, connections, connections).await?);
+    store
+        .warm_campaign_inserts(connections as usize)
+        .await
+        .context("preparing the API's campaign insert")?;
     let (after, collector) = AfterCreates::start(
         redis.clone(),
         js.clone(),
