@@ -204,18 +204,32 @@ fn charged_delay(
 }
 
 /// Groups request bodies into one multi-row insert each, committed before the callers get
-/// their results (autocommit, with the server's `synchronous_commit`).
+/// their results (autocommit, with the server's `synchronous_commit`). Like the API's insert:
+/// one statement text for any number of rows (an array), and every connection open with the
+/// statement prepared before the first request.
 async fn commit_batcher(
     url: &str,
     connections: u32,
 ) -> anyhow::Result<herald_engine::actors::batcher::Batcher<String, ()>> {
-    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    const INSERT: &str = "INSERT INTO bench_commit_floor (body) SELECT * FROM unnest($1::text[])";
+    let insert = |bodies: Vec<String>| {
+        Statement::from_sql_and_values(DbBackend::Postgres, INSERT, [bodies.into()])
+    };
     let connections = connections.max(1);
-    let db = herald_engine::engine::connect_db(url, connections).await?;
+    let db = herald_engine::engine::connect_db_with(url, connections, connections).await?;
     db.execute_unprepared(
         "CREATE TABLE IF NOT EXISTS bench_commit_floor (id bigserial PRIMARY KEY, body text NOT NULL)",
     )
     .await?;
+    let mut held = Vec::new();
+    for _ in 0..connections {
+        held.push(db.begin().await?);
+    }
+    for txn in held {
+        txn.execute(insert(Vec::new())).await?;
+        txn.rollback().await?;
+    }
     let batcher = herald_engine::actors::batcher::Batcher::start(
         MAX_GROUP * 8,
         MAX_GROUP,
@@ -223,20 +237,10 @@ async fn commit_batcher(
         move |bodies: Vec<String>| {
             let db = db.clone();
             async move {
-                let rows = (1..=bodies.len())
-                    .map(|k| format!("(${k})"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
                 let n = bodies.len();
-                let sql = format!("INSERT INTO bench_commit_floor (body) VALUES {rows}");
-                let values = bodies.into_iter().map(sea_orm::Value::from);
-                db.execute(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    sql,
-                    values,
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
+                db.execute(insert(bodies))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok(vec![(); n])
             }
         },
