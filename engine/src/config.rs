@@ -139,7 +139,8 @@ pub struct ApiConfig {
     pub max_in_flight: usize,
     /// Database connections reserved for the API, so fan-out work cannot starve it. Each
     /// runs one multi-row insert of the creates waiting at the time; on a small machine
-    /// fewer, bigger batches answer faster than many small ones.
+    /// fewer, bigger batches answer faster than many small ones. All are opened, with the
+    /// insert prepared on each, before the API serves.
     pub db_connections: u32,
     /// Serve the API on a thread of its own (its own runtime, NATS connection, database
     /// pool and Redis client), so requests do not queue behind the pipeline's tasks.
