@@ -1,14 +1,14 @@
 //! The sharder: one handler per node on a consumer all nodes share, for every campaign. It
 //! turns each campaign a `CampaignCreated` names (up to [`ANNOUNCE_MAX`] per message) into
-//! one `BucketTask` per `bucket_size` user ids
-//! (rounded up to whole lease blocks) between the audience's id bounds, published in batches
-//! of at most `publish_max_messages` messages and `publish_max_bytes` bytes, then records the
-//! bucket count. Re-sharding after a crash re-publishes the same message ids, which the server
-//! drops inside its dedupe window and the later stages skip after it.
+//! one `BucketTask` per `bucket_size` user ids (rounded up to whole lease blocks) between the
+//! audience's id bounds, published in batches of at most `publish_max_messages` messages and
+//! `publish_max_bytes` bytes, then records the bucket count. Re-sharding after a crash
+//! re-publishes the same message ids, which the server drops inside its dedupe window and the
+//! later stages skip after it.
 //!
-//! A campaign is sharded from one message, so unlike the expander and the sender the
-//! sharder needs no consumer of its own per campaign: a campaign whose audience is empty is done without any
-//! consumer being created for it (see `campaign_supervisor`).
+//! A campaign is sharded from one message, so unlike the expander and the sender the sharder
+//! needs no consumer of its own per campaign: a campaign whose audience is empty is done
+//! without any consumer being created for it (see `campaign_supervisor`).
 
 use std::{collections::HashMap, sync::Arc};
 

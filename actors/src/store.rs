@@ -199,6 +199,26 @@ fn id_bounds(ids: &[i64]) -> (i64, i64) {
     (lo, hi)
 }
 
+/// Runs `statement` once on each of `connections` connections of `db`, each in a transaction
+/// that is rolled back, so that every connection has it prepared and its backend has the
+/// catalog entries of its tables cached before the first real call.
+pub async fn prepare_on_each_connection(
+    db: &DatabaseConnection,
+    connections: usize,
+    statement: &Statement,
+) -> Result<(), DbErr> {
+    // Held together, so that each takes a connection of its own.
+    let mut held = Vec::with_capacity(connections);
+    for _ in 0..connections.max(1) {
+        held.push(db.begin().await?);
+    }
+    for txn in held {
+        txn.execute(statement.clone()).await?;
+        txn.rollback().await?;
+    }
+    Ok(())
+}
+
 pub(crate) fn stmt<C: ConnectionTrait>(conn: &C, sql: &str, values: Vec<Value>) -> Statement {
     Statement::from_sql_and_values(conn.get_database_backend(), sql, values)
 }

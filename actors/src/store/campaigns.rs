@@ -15,7 +15,7 @@ use sea_orm::{
     TransactionTrait, Value,
 };
 
-use super::{stmt, Store};
+use super::{prepare_on_each_connection, stmt, Store};
 
 /// A new campaign row.
 #[derive(Debug, Clone)]
@@ -169,16 +169,7 @@ impl Store {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return Ok(());
         }
-        // Held together, so that each takes a connection of its own.
-        let mut held = Vec::with_capacity(connections);
-        for _ in 0..connections.max(1) {
-            held.push(self.db.begin().await?);
-        }
-        for txn in held {
-            txn.execute(claim_and_insert(&[])?).await?;
-            txn.rollback().await?;
-        }
-        Ok(())
+        prepare_on_each_connection(&self.db, connections, &claim_and_insert(&[])?).await
     }
 }
 

@@ -211,7 +211,7 @@ async fn commit_batcher(
     url: &str,
     connections: u32,
 ) -> anyhow::Result<herald_engine::actors::batcher::Batcher<String, ()>> {
-    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
     const INSERT: &str = "INSERT INTO bench_commit_floor (body) SELECT * FROM unnest($1::text[])";
     let insert = |bodies: Vec<String>| {
         Statement::from_sql_and_values(DbBackend::Postgres, INSERT, [bodies.into()])
@@ -222,14 +222,12 @@ async fn commit_batcher(
         "CREATE TABLE IF NOT EXISTS bench_commit_floor (id bigserial PRIMARY KEY, body text NOT NULL)",
     )
     .await?;
-    let mut held = Vec::new();
-    for _ in 0..connections {
-        held.push(db.begin().await?);
-    }
-    for txn in held {
-        txn.execute(insert(Vec::new())).await?;
-        txn.rollback().await?;
-    }
+    herald_engine::actors::store::prepare_on_each_connection(
+        &db,
+        connections as usize,
+        &insert(Vec::new()),
+    )
+    .await?;
     let batcher = herald_engine::actors::batcher::Batcher::start(
         MAX_GROUP * 8,
         MAX_GROUP,
