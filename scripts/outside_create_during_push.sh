@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Create latency on a `herald serve` that is pushing a full-population campaign, from outside
 # herald: a release `herald serve` on a fresh database of USERS seeded users (the bench's
-# push knobs, a 200 ms provider), then RUNS times: creates paced at RATE/s (100 requesters,
-# EACH requests each, campaigns on an empty segment) on the idle node, and the same load
-# again 2 s after a promotion for everyone was created, while it is pushing. The same two
-# loads go to a no-op responder (scripts/outside_create.py --serve-noop), which shows what
-# the request and reply through NATS alone take on the same machine at the same moment.
+# push knobs, a 200 ms provider), then RUNS times, each load once on the idle node and once
+# 2 s after a promotion for everyone was created, while it is pushing:
+# - creates paced at RATE/s (100 requesters, EACH requests each, campaigns on an empty
+#   segment; scripts/outside_create.py);
+# - the same load to a no-op responder (outside_create.py --serve-noop): the request and
+#   reply through NATS alone, on the same machine at the same moment;
+# - the two other waits of a create, at RATE/s each, side by side: a Redis `SET NX`
+#   (scripts/outside_redis_latency.py) and a one-row insert and commit in PostgreSQL
+#   (pgbench, in a table of the run's database).
 # BENCHMARKS.md ("Create latency during a push") has its results.
 #
 #   scripts/outside_create_during_push.sh                        10M users, 2 runs
@@ -13,9 +17,10 @@
 #                                                                flight: a slower push
 #   USERS=1000000 RUNS=1 RATE=500 EACH=20 scripts/outside_create_during_push.sh
 #
-# Needs nats-py (`python3 -m pip install nats-py`, run outside the repository), psql and
-# redis-cli, and the servers on loopback (scripts/services.sh). It stops the `herald serve`
-# and the responder it started, by their PIDs, and removes its database, streams and keys.
+# Needs nats-py (`python3 -m pip install nats-py`, run outside the repository), psql,
+# pgbench and redis-cli, and the servers on loopback (scripts/services.sh). It stops the
+# `herald serve` and the responder it started, by their PIDs, and removes its database,
+# streams and keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,14 +38,39 @@ export HERALD__PIPELINE__SEND_CONCURRENCY=${SEND:-360000}
 
 start_run
 NOOP=
-trap '[ -n "$NOOP" ] && kill "$NOOP" 2>/dev/null; stop_serve; remove_run "$DB" "$PREFIX"' EXIT
+trap '[ -n "$NOOP" ] && kill "$NOOP" 2>/dev/null; rm -rf "${PGB_SQL:-}" "${PGB_LOG:-}"; stop_serve; remove_run "$DB" "$PREFIX"' EXIT
 "$BIN" users seed --count "$USERS" >/dev/null
+"${PG[@]}" -d "$DB" -c "CREATE TABLE during_push_probe (id bigserial PRIMARY KEY, body text)"
+PGB_SQL=$(mktemp)
+echo "INSERT INTO during_push_probe (body) VALUES ('x');" >"$PGB_SQL"
+PGB_LOG=$(mktemp -d)
 start_serve
 python3 scripts/outside_create.py --serve-noop "$PREFIX.noop" 2>/dev/null &
 NOOP=$!
 
 load() {
-    local what=$1 subject=$2
+    local what=$1 target=$2
+    if [ "$target" = parts ]; then
+        printf '%s, Redis: ' "$what"
+        python3 scripts/outside_redis_latency.py --rate "$RATE" --count $((EACH * 100)) &
+        local redis=$!
+        pgbench -h 127.0.0.1 -U postgres -n -f "$PGB_SQL" -R "$RATE" \
+            -T $(((EACH * 100 + ${RATE%.*} - 1) / ${RATE%.*})) -c 1 -l \
+            --log-prefix="$PGB_LOG/tx" "$DB" >/dev/null 2>&1
+        wait "$redis"
+        printf '%s, PostgreSQL: ' "$what"
+        # pgbench's log: the third field of each line is the transaction's latency in µs.
+        cat "$PGB_LOG"/tx* | python3 -c '
+import json, sys
+v = sorted(int(line.split()[2]) for line in sys.stdin)
+ms = lambda q: round(v[min(len(v) - 1, int(q * len(v)))] / 1e3, 2)
+print(json.dumps({"statement": "insert and commit", "requests": len(v),
+                  "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": round(v[-1] / 1e3, 2)}))'
+        rm -f "$PGB_LOG"/tx*
+        return
+    fi
+    local subject=$PREFIX.api.campaign.create
+    [ "$target" = noop ] && subject=$PREFIX.noop
     printf '%s: ' "$what"
     python3 scripts/outside_create.py --prefix "$PREFIX" --subject "$subject" \
         --rate "$RATE" --requesters 100 --requests-each "$EACH"
@@ -56,16 +86,14 @@ settle() {
 }
 
 for _ in $(seq "$RUNS"); do
-    for target in create noop; do
-        subject=$PREFIX.api.campaign.create
-        [ "$target" = noop ] && subject=$PREFIX.noop
+    for target in create noop parts; do
         settle
-        load "$target, idle node" "$subject"
+        load "$target, idle node" "$target"
         push_out=$(mktemp)
         python3 scripts/outside_push.py --prefix "$PREFIX" --runs 1 --expect "$USERS" >"$push_out" 2>&1 &
         push=$!
         sleep 2
-        load "$target, during the push" "$subject"
+        load "$target, during the push" "$target"
         if ! wait "$push"; then
             cat "$push_out" >&2
             rm -f "$push_out"
