@@ -76,6 +76,14 @@ def quantile(sorted_values, q):
     return sorted_values[round((len(sorted_values) - 1) * q)]
 
 
+def latency_summary(seconds):
+    """Count, p50, p99 and max in ms of latencies in seconds; shared by the other outside_
+    scripts so that every figure of one table is the same quantile."""
+    v = sorted(seconds)
+    ms = lambda q: round(quantile(v, q) * 1e3, 2)
+    return {"requests": len(v), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": ms(1.0)}
+
+
 async def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", default="nats://127.0.0.1:4222")
@@ -106,19 +114,8 @@ async def main():
         *(requester(nc, subject, tag, r, args, start, out) for r in range(args.requesters))
     )
     await nc.close()
-    out.sort()
-    ms = lambda q: round(quantile(out, q) * 1e3, 2)
-    print(
-        json.dumps(
-            {
-                "load": f"paced {args.rate:.0f}/s" if args.rate > 0 else "back to back",
-                "requests": len(out),
-                "p50_ms": ms(0.5),
-                "p99_ms": ms(0.99),
-                "max_ms": ms(1.0),
-            }
-        )
-    )
+    load = f"paced {args.rate:.0f}/s" if args.rate > 0 else "back to back"
+    print(json.dumps({"load": load, **latency_summary(out)}))
 
 
 if __name__ == "__main__":

@@ -60,12 +60,11 @@ load() {
         wait "$redis"
         printf '%s, PostgreSQL: ' "$what"
         # pgbench's log: the third field of each line is the transaction's latency in µs.
-        cat "$PGB_LOG"/tx* | python3 -c '
+        cat "$PGB_LOG"/tx* | PYTHONPATH=scripts python3 -c '
 import json, sys
-v = sorted(int(line.split()[2]) for line in sys.stdin)
-ms = lambda q: round(v[min(len(v) - 1, int(q * len(v)))] / 1e3, 2)
-print(json.dumps({"statement": "insert and commit", "requests": len(v),
-                  "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": round(v[-1] / 1e3, 2)}))'
+from outside_create import latency_summary
+took = [int(line.split()[2]) / 1e6 for line in sys.stdin]
+print(json.dumps({"statement": "insert and commit", **latency_summary(took)}))'
         rm -f "$PGB_LOG"/tx*
         return
     fi

@@ -14,6 +14,8 @@ import socket
 import time
 import uuid
 
+from outside_create import latency_summary
+
 
 def command(*args):
     out = f"*{len(args)}\r\n"
@@ -60,10 +62,7 @@ def main():
         sock.sendall(command("DEL", *keys))
         reply(sock)
     sock.close()
-    took.sort()
-    ms = lambda q: round(took[min(len(took) - 1, int(q * len(took)))] * 1e3, 2)
-    print(json.dumps({"command": "SET NX", "requests": len(took), "p50_ms": ms(0.5),
-                      "p99_ms": ms(0.99), "max_ms": round(took[-1] * 1e3, 2)}))
+    print(json.dumps({"command": "SET NX", **latency_summary(took)}))
 
 
 if __name__ == "__main__":
