@@ -12,12 +12,13 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CouponDelivery, CreateCouponRequest, SegmentFilter};
 use sea_orm::{
-    ConnectionTrait, DatabaseTransaction, DbErr, FromQueryResult, TransactionTrait, Value,
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, FromQueryResult, TransactionTrait,
+    Value,
 };
 
 use crate::store::{audience_sql, record_batches_in, stmt, BatchRecord, Store};
 
-/// Pairs per insert statement (two placeholders each).
+/// Pairs per insert statement on SQLite (two placeholders each; PostgreSQL takes arrays).
 const INSERT_CHUNK: usize = 500;
 /// `sales_promotion_coupon.status` of a coupon in force.
 pub const STATUS_NORMAL: i32 = 1;
@@ -474,6 +475,41 @@ async fn insert_items(
         coupon_id: i64,
         user_account_id: i64,
     }
+    impl Row {
+        fn item(self) -> IssuedItem {
+            IssuedItem {
+                coupon_id: self.coupon_id,
+                user_id: self.user_account_id,
+                item_id: self.id,
+            }
+        }
+    }
+    // The pairs as `v (cid, uid)`, then the same insert on either backend.
+    let insert = |pairs_sql: &str, flag: usize| {
+        format!(
+            "WITH v (cid, uid) AS ({pairs_sql}) \
+             INSERT INTO sales_promotion_coupon_item (coupon_id, coupon_type, user_account_id, \
+             is_used, effective_start_time, effective_end_time, created_at, updated_at) \
+             SELECT c.id, c.coupon_type, v.uid, ${flag}, c.activity_start_time, \
+             c.activity_end_time, ${now}, ${now} FROM v JOIN sales_promotion_coupon c \
+             ON c.id = v.cid WHERE TRUE ORDER BY v.cid, v.uid \
+             ON CONFLICT (coupon_id, user_account_id) DO NOTHING \
+             RETURNING id, coupon_id, user_account_id",
+            now = flag + 1
+        )
+    };
+    if txn.get_database_backend() == DbBackend::Postgres {
+        // One array per column: one statement text for any number of pairs, which each
+        // connection parses and plans once. A VALUES list has a text of its own for each
+        // chunk length, and a chunk of 500 pairs has 1,000 parameters to plan.
+        let (coupons, users): (Vec<i64>, Vec<i64>) = pairs.iter().copied().unzip();
+        let sql = insert("SELECT * FROM unnest($1::bigint[], $2::bigint[])", 3);
+        let values = vec![coupons.into(), users.into(), false.into(), now.into()];
+        let rows = Row::find_by_statement(stmt(txn, &sql, values))
+            .all(txn)
+            .await?;
+        return Ok(rows.into_iter().map(Row::item).collect());
+    }
     let mut out = Vec::new();
     for chunk in pairs.chunks(INSERT_CHUNK) {
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 2 + 2);
@@ -483,31 +519,13 @@ async fn insert_items(
             values.push((*c).into());
             values.push((*u).into());
         }
-        let n = chunk.len() * 2;
         values.push(false.into());
         values.push(now.into());
-        let sql = format!(
-            "WITH v (cid, uid) AS (VALUES {}) \
-             INSERT INTO sales_promotion_coupon_item (coupon_id, coupon_type, user_account_id, \
-             is_used, effective_start_time, effective_end_time, created_at, updated_at) \
-             SELECT c.id, c.coupon_type, v.uid, ${}, c.activity_start_time, c.activity_end_time, \
-             ${}, ${} FROM v JOIN sales_promotion_coupon c ON c.id = v.cid WHERE TRUE \
-             ORDER BY v.cid, v.uid \
-             ON CONFLICT (coupon_id, user_account_id) DO NOTHING \
-             RETURNING id, coupon_id, user_account_id",
-            rows.join(", "),
-            n + 1,
-            n + 2,
-            n + 2
-        );
+        let sql = insert(&format!("VALUES {}", rows.join(", ")), chunk.len() * 2 + 1);
         let inserted = Row::find_by_statement(stmt(txn, &sql, values))
             .all(txn)
             .await?;
-        out.extend(inserted.into_iter().map(|r| IssuedItem {
-            coupon_id: r.coupon_id,
-            user_id: r.user_account_id,
-            item_id: r.id,
-        }));
+        out.extend(inserted.into_iter().map(Row::item));
     }
     Ok(out)
 }
