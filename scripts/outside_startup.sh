@@ -4,7 +4,7 @@
 # create load of scripts/outside_create.py (100 requesters, campaigns on an empty segment),
 # then the time until no campaign is pending or running, and the CPU of nats-server,
 # `herald serve` and every postgres process per create (the create's own cost included).
-# BENCHMARKS.md ("Create latency on a full node") has its results.
+# BENCHMARKS.md ("Create latency driven from outside herald") has its results.
 #
 #   scripts/outside_startup.sh                     2,000 creates back to back
 #   RATE=500 EACH=100 scripts/outside_startup.sh   10,000 creates paced at 500/s
