@@ -7,7 +7,7 @@
 //! coupon row is locked, and the items past what stock is left are deleted again before the
 //! count moves. So the database never oversells, whatever Redis says.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use herald_schemas::{Audience, CouponDelivery, CreateCouponRequest, SegmentFilter};
@@ -356,10 +356,12 @@ impl Store {
         for it in inserted {
             by_coupon.entry(it.coupon_id).or_default().push(it);
         }
+        let counts: Vec<(i64, usize)> = by_coupon.iter().map(|(c, new)| (*c, new.len())).collect();
+        let past = add_to_counts(&txn, &counts, now).await?;
         let mut items = Vec::new();
         let mut out_of_stock = Vec::new();
         for (coupon, mut new) in by_coupon {
-            if !add_to_count(&txn, coupon, new.len(), now, true).await? {
+            if past.contains(&coupon) {
                 // Past the stock: keep what is left of it (by user order) and delete the rest.
                 let left = lock_and_read_left(&txn, coupon).await?;
                 new.sort_unstable_by_key(|it| it.user_id);
@@ -378,6 +380,58 @@ impl Store {
             completed,
         })
     }
+}
+
+/// Adds each coupon's new items to its count, unless that would pass its stock; returns the
+/// coupons whose count was not written (past the stock, or gone). Every coupon's row is
+/// locked, in id order, on PostgreSQL in one statement: the rows are every batch's, and
+/// each batch holds them until it commits, so the fewer round trips after they are locked,
+/// the shorter the other batches wait (one `UPDATE` a coupon, five round trips with the
+/// logins benchmark's coupons, took 2.1 ms a one-row update on average: the wait for those
+/// locks).
+async fn add_to_counts(
+    txn: &DatabaseTransaction,
+    counts: &[(i64, usize)],
+    now: DateTime<Utc>,
+) -> Result<HashSet<i64>, DbErr> {
+    let counts: Vec<(i64, usize)> = counts.iter().copied().filter(|(_, k)| *k > 0).collect();
+    if txn.get_database_backend() != DbBackend::Postgres {
+        let mut past = HashSet::new();
+        for (coupon, k) in counts {
+            if !add_to_count(txn, coupon, k, now, true).await? {
+                past.insert(coupon);
+            }
+        }
+        return Ok(past);
+    }
+    if counts.is_empty() {
+        return Ok(HashSet::new());
+    }
+    #[derive(FromQueryResult)]
+    struct Id {
+        id: i64,
+    }
+    let (ids, ks): (Vec<i64>, Vec<i64>) = counts.iter().map(|(c, k)| (*c, *k as i64)).unzip();
+    // `locked` takes the row locks in id order before the update writes any row.
+    let written = Id::find_by_statement(stmt(
+        txn,
+        "WITH k (id, n) AS (SELECT * FROM unnest($1::bigint[], $2::bigint[])), \
+         locked AS MATERIALIZED (SELECT c.id FROM sales_promotion_coupon c \
+           WHERE c.id IN (SELECT id FROM k) ORDER BY c.id FOR UPDATE) \
+         UPDATE sales_promotion_coupon c SET \
+           coupon_received_count = c.coupon_received_count + k.n, updated_at = $3 \
+         FROM k, locked l WHERE c.id = k.id AND l.id = k.id \
+           AND (c.coupon_count IS NULL OR c.coupon_received_count + k.n <= c.coupon_count) \
+         RETURNING c.id",
+        vec![ids.into(), ks.into(), now.into()],
+    ))
+    .all(txn)
+    .await?;
+    let mut past: HashSet<i64> = counts.iter().map(|(c, _)| *c).collect();
+    for w in written {
+        past.remove(&w.id);
+    }
+    Ok(past)
 }
 
 /// Adds `k` new items to a coupon's count. With `guard`, a count that would pass the stock is
