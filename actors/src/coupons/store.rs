@@ -2,10 +2,11 @@
 //!
 //! [`Store::issue`] is the one way items are created, for lazy, eager and claimed coupons
 //! alike: a multi-row `INSERT … ON CONFLICT DO NOTHING` (the unique index on coupon + user
-//! makes it idempotent) and a guarded count update in the same transaction. A limited
-//! coupon's count only moves while it stays within the stock; when that guard fails, the
-//! coupon row is locked, and the items past what stock is left are deleted again before the
-//! count moves. So the database never oversells, whatever Redis says.
+//! makes it idempotent) and a guarded count update in the same transaction (on PostgreSQL
+//! one statement each, whatever the batch's size and coupons). The batch's coupon rows are
+//! locked in id order, and a limited coupon's count only moves while it stays within the
+//! stock; when that guard fails, the items past what stock is left are deleted again before
+//! the count moves. So the database never oversells, whatever Redis says.
 
 use std::collections::{BTreeMap, HashSet};
 
