@@ -790,30 +790,69 @@ async fn concurrent_issues_past_the_stock_do_not_deadlock() {
     .unwrap();
 }
 
+/// A store on a pool of one connection, so that [`prepared_like`] reads the connection every
+/// statement was prepared on, and the ids of lazy coupons named `names` made in it.
+async fn one_connection_store(
+    env: &TestEnv,
+    names: &[&str],
+) -> (herald_engine::actors::store::Store, Vec<i64>) {
+    let db = herald_engine::engine::connect_db(&env.config.database.url, 1)
+        .await
+        .unwrap();
+    let store = herald_engine::actors::store::Store::new(db);
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for name in names {
+        let (id, _) = store
+            .insert_coupon(
+                &coupon(name, CouponDelivery::Lazy),
+                now,
+                now - Span::minutes(30),
+            )
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    (store, ids)
+}
+
+/// How many statements prepared on the store's one connection match each SQL `LIKE`
+/// pattern.
+async fn prepared_like(store: &herald_engine::actors::store::Store, patterns: &[&str]) -> Vec<i64> {
+    use sea_orm::{DbBackend, TransactionTrait};
+    #[derive(FromQueryResult)]
+    struct Count {
+        n: i64,
+    }
+    // The pool's only connection, the one every statement of the test prepared on.
+    let txn = store.db().begin().await.unwrap();
+    let mut counts = Vec::new();
+    for pattern in patterns {
+        let n = Count::find_by_statement(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT COUNT(*) AS n FROM pg_prepared_statements WHERE statement LIKE $1",
+            [(*pattern).into()],
+        ))
+        .one(&txn)
+        .await
+        .unwrap()
+        .unwrap()
+        .n;
+        counts.push(n);
+    }
+    counts
+}
+
 /// Batches of any size issue their items with one statement text on PostgreSQL, so a
 /// connection parses and plans it once. Each size had a text of its own (a VALUES list with
 /// two parameters a pair); with one text, PostgreSQL's CPU in the logins benchmark fell by
 /// 11–20% and logins/s rose by 7–13% (session 21, BENCHMARKS.md).
 #[tokio::test]
 async fn items_of_any_batch_size_share_one_prepared_insert() {
-    use herald_engine::actors::store::Store;
-    use sea_orm::{DbBackend, TransactionTrait};
     let env = TestEnv::new("cponestmt").await.unwrap();
     env.run_test(async {
-        // One connection, so every batch prepares on the one that is read below.
-        let db = herald_engine::engine::connect_db(&env.config.database.url, 1)
-            .await
-            .unwrap();
-        let store = Store::new(db.clone());
-        let now = Utc::now();
-        let (id, _) = store
-            .insert_coupon(
-                &coupon("sizes", CouponDelivery::Lazy),
-                now,
-                now - Span::minutes(30),
-            )
-            .await
-            .unwrap();
+        let (store, ids) = one_connection_store(&env, &["sizes"]).await;
+        let id = ids[0];
         let mut next = 1_i64;
         let sizes = [1_i64, 7, 500, 501, 1200];
         for n in sizes {
@@ -822,23 +861,16 @@ async fn items_of_any_batch_size_share_one_prepared_insert() {
             assert_eq!(issued.items.len() as i64, n);
             next += n;
         }
-        #[derive(FromQueryResult)]
-        struct Count {
-            n: i64,
-        }
-        let txn = db.begin().await.unwrap();
-        let prepared = Count::find_by_statement(Statement::from_string(
-            DbBackend::Postgres,
-            "SELECT COUNT(*) AS n FROM pg_prepared_statements \
-             WHERE statement LIKE 'WITH v (cid, uid)%INSERT INTO sales_promotion_coupon_item%'",
-        ))
-        .one(&txn)
-        .await
-        .unwrap()
-        .unwrap()
-        .n;
-        drop(txn);
-        assert_eq!(prepared, 1, "item inserts prepared for {sizes:?} pairs");
+        let prepared = prepared_like(
+            &store,
+            &["WITH v (cid, uid)%INSERT INTO sales_promotion_coupon_item%"],
+        )
+        .await;
+        assert_eq!(
+            prepared,
+            vec![1],
+            "item inserts prepared for {sizes:?} pairs"
+        );
         assert_eq!(items(&env, id).await, sizes.iter().sum::<i64>());
     })
     .await
@@ -851,53 +883,22 @@ async fn items_of_any_batch_size_share_one_prepared_insert() {
 /// other batches waited 2.1 ms a statement for those locks.
 #[tokio::test]
 async fn a_batch_moves_its_coupons_counts_in_one_statement() {
-    use herald_engine::actors::store::Store;
-    use sea_orm::{DbBackend, TransactionTrait};
     let env = TestEnv::new("cpcounts").await.unwrap();
     env.run_test(async {
-        // One connection, so every statement of the batch prepares on the one read below.
-        let db = herald_engine::engine::connect_db(&env.config.database.url, 1)
-            .await
-            .unwrap();
-        let store = Store::new(db.clone());
-        let now = Utc::now();
-        let since = now - Span::minutes(30);
-        let mut coupons = Vec::new();
-        for name in ["a", "b", "c"] {
-            let (id, _) = store
-                .insert_coupon(&coupon(name, CouponDelivery::Lazy), now, since)
-                .await
-                .unwrap();
-            coupons.push(id);
-        }
+        let (store, coupons) = one_connection_store(&env, &["a", "b", "c"]).await;
         let pairs: Vec<(i64, i64)> = (1..=40_i64)
             .flat_map(|u| coupons.iter().map(move |c| (*c, u)))
             .collect();
         let issued = store.issue(&pairs, Utc::now(), None).await.unwrap();
         assert_eq!(issued.items.len(), 120);
-        #[derive(FromQueryResult)]
-        struct Count {
-            n: i64,
-        }
-        let txn = db.begin().await.unwrap();
-        let mut prepared = Vec::new();
-        for pattern in [
-            "WITH k (id, n)%UPDATE sales_promotion_coupon%",
-            "UPDATE sales_promotion_coupon SET coupon_received_count%",
-        ] {
-            let n = Count::find_by_statement(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT COUNT(*) AS n FROM pg_prepared_statements WHERE statement LIKE $1",
-                [pattern.into()],
-            ))
-            .one(&txn)
-            .await
-            .unwrap()
-            .unwrap()
-            .n;
-            prepared.push(n);
-        }
-        drop(txn);
+        let prepared = prepared_like(
+            &store,
+            &[
+                "WITH k (id, n)%UPDATE sales_promotion_coupon%",
+                "UPDATE sales_promotion_coupon SET coupon_received_count%",
+            ],
+        )
+        .await;
         assert_eq!(
             prepared,
             vec![1, 0],
