@@ -75,15 +75,8 @@ print(json.dumps({"statement": "insert and commit", **latency_summary(took)}))'
         --rate "$RATE" --requesters 100 --requests-each "$EACH"
 }
 
-# Before each idle load the disk is given what is pending (the seed, the last push's stream
-# files, which nats-server 2.9 flushes only every 60 s), so that a flush of earlier writes
-# does not stall the idle figures.
-settle() {
-    sync
-    "${PG[@]}" -c CHECKPOINT >/dev/null
-    sleep 2
-}
-
+# Before each idle load the disk is settled (outside_lib.sh), so that a flush of earlier
+# writes (the seed, the last push's stream files) does not stall the idle figures.
 for _ in $(seq "$RUNS"); do
     for target in create noop parts; do
         settle

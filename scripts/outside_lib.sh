@@ -34,6 +34,15 @@ stop_serve() {
     fi
 }
 
+# Gives the disk what is pending, so that a later flush does not land in a measurement: the
+# checkpointer writes the seed now (as the bench does after seeding), and `sync` flushes the
+# stream files nats-server 2.9 otherwise flushes only every 60 s.
+settle() {
+    sync
+    "${PG[@]}" -c CHECKPOINT >/dev/null
+    sleep 2
+}
+
 # Removes database $1, and the streams and Redis keys of NATS prefix $2.
 remove_run() {
     local db=$1 prefix=$2

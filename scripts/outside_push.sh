@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The bench's full-population push driven from outside herald: a release `herald serve` on a
-# fresh PostgreSQL database of USERS seeded users (checkpointed after seeding, as the bench
-# does; the bench's knobs set through the environment), and scripts/outside_push.py, a plain
-# nats-py client, creating a promotion
-# for everyone and polling its status every 20 ms until it is final, RUNS times with a 200 ms
-# provider and RUNS times with a 0 ms provider (a node restarted in between). After each
-# node it prints `herald serve`'s CPU µs per user and peak RSS (VmHWM).
+# fresh PostgreSQL database of USERS seeded users (the disk settled after seeding, as the
+# bench does; the bench's knobs set through the environment), and scripts/outside_push.py, a
+# plain nats-py client, creating a promotion for everyone and polling its status every 20 ms
+# until it is final, RUNS times with a 200 ms provider and RUNS times with a 0 ms provider
+# (a node restarted in between). After each node it prints `herald serve`'s CPU µs per user
+# and peak RSS (VmHWM).
 # BENCHMARKS.md ("Driven from outside herald") has its results.
 #
 #   scripts/outside_push.sh                          1,000,000 users, 3 runs per latency
@@ -30,8 +30,7 @@ export HERALD__PIPELINE__SEND_CONCURRENCY=360000
 
 start_run
 "$BIN" users seed --count "$USERS"
-# As the bench does after seeding: the checkpointer writes the seed now, not during a push.
-"${PG[@]}" -c CHECKPOINT >/dev/null
+settle
 
 for latency in 200 0; do
     export HERALD__PROVIDERS__APP__LATENCY_MS=$latency

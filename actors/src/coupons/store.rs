@@ -395,10 +395,9 @@ async fn add_to_counts(
     counts: &[(i64, usize)],
     now: DateTime<Utc>,
 ) -> Result<HashSet<i64>, DbErr> {
-    let counts: Vec<(i64, usize)> = counts.iter().copied().filter(|(_, k)| *k > 0).collect();
     if txn.get_database_backend() != DbBackend::Postgres {
         let mut past = HashSet::new();
-        for (coupon, k) in counts {
+        for &(coupon, k) in counts {
             if !add_to_count(txn, coupon, k, now, true).await? {
                 past.insert(coupon);
             }
