@@ -185,8 +185,8 @@ impl Sharder {
         }
         // Nobody to send to: recording 0 buckets completes them, so no supervisor starts
         // stages for them.
-        let counts: Vec<(i64, i64)> = empty.iter().map(|(_, id)| (*id, 0)).collect();
-        match store.set_sharded_all(&counts, chrono::Utc::now()).await {
+        let ids: Vec<i64> = empty.iter().map(|(_, id)| *id).collect();
+        match store.set_sharded_all(&ids, 0, chrono::Utc::now()).await {
             Ok(()) => {
                 for (_, id) in &empty {
                     let _ = self.shared.maybe_complete.send(*id);

@@ -3,7 +3,8 @@
 //! inserted once; and finished push batches recorded many per statement, a batch recorded before
 //! left as it was; a record answering the campaigns it completed; a bucket's users read as
 //! one aggregated row, in order, on both; and, on PostgreSQL, the lookups of campaigns by id
-//! using the primary key on a table that grew after their plans were made, and the campaign
+//! using the primary key on a table that grew after their plans were made, a batch of
+//! campaigns completed with no step of the plan run once per campaign, and the campaign
 //! insert warmed on every connection of a pool.
 
 use chrono::{Duration as Span, Utc};
@@ -340,7 +341,7 @@ async fn sharding_on(db: DatabaseConnection) {
         .await
         .unwrap();
     store
-        .set_sharded_all(&[(empty, 0), (also_empty, 0)], Utc::now())
+        .set_sharded_all(&[empty, also_empty], 0, Utc::now())
         .await
         .unwrap();
     store.set_sharded(some, 3, Utc::now()).await.unwrap();
@@ -413,7 +414,7 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
         for _ in 0..8 {
             store.campaigns(&ids).await.unwrap();
             store
-                .set_sharded_all(&[(ids[0], 1)], Utc::now())
+                .set_sharded_all(&[ids[0]], 1, Utc::now())
                 .await
                 .unwrap();
         }
@@ -423,8 +424,7 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
         }
         for chunk in ids[1..].chunks(16) {
             assert_eq!(store.campaigns(chunk).await.unwrap().len(), chunk.len());
-            let empty: Vec<(i64, i64)> = chunk.iter().map(|id| (*id, 0)).collect();
-            store.set_sharded_all(&empty, Utc::now()).await.unwrap();
+            store.set_sharded_all(chunk, 0, Utc::now()).await.unwrap();
         }
         one.close().await.unwrap();
         let (seq, status) = campaign_scans(&db).await;
@@ -442,6 +442,98 @@ async fn the_campaign_lookups_use_the_primary_key_as_the_table_grows() {
     })
     .await
     .unwrap();
+}
+
+/// Completing a batch of campaigns costs the same per campaign whatever the batch's size: no
+/// step of the statement's plan runs once per campaign. Joined with a list of (id, count)
+/// pairs, the campaign rows were each matched by a loop over the whole list, n² steps for a
+/// batch of n.
+#[tokio::test]
+async fn completing_a_batch_of_campaigns_runs_each_step_of_its_plan_once() {
+    let env = TestEnv::new("storeshardplan").await.unwrap();
+    let url = env.config.database.url.clone();
+    env.run_test(async move {
+        // One connection, so the statement the test explains is the one the store prepared.
+        let one = herald_engine::engine::connect_db(&url, 1).await.unwrap();
+        let store = Store::new(one.clone());
+        // A table of the size a busy node reaches, with fresh statistics as autovacuum keeps
+        // them: the planner then takes the rows both in the batch's list and within its
+        // bounds for about one, and loops over any list joined to them once per row. (At
+        // 3,000 rows it chose a hash join, and the test would not see the loop.)
+        let many: Vec<NewCampaign> = (0..30_000).map(|i| campaign(&format!("b{i}"))).collect();
+        let refs: Vec<&NewCampaign> = many.iter().collect();
+        let mut ids = Vec::new();
+        for chunk in refs.chunks(500) {
+            ids.extend(insert_ids(&store, chunk).await);
+        }
+        one.execute_unprepared("ANALYZE campaign").await.unwrap();
+        let (first, rest) = ids.split_at(90);
+        let second = &rest[..90];
+        store.set_sharded_all(first, 0, Utc::now()).await.unwrap();
+        let txn = one.begin().await.unwrap();
+        #[derive(FromQueryResult)]
+        struct Prepared {
+            name: String,
+        }
+        let name = Prepared::find_by_statement(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT name FROM pg_prepared_statements \
+             WHERE statement LIKE 'WITH c AS (UPDATE campaign SET buckets_total%'",
+        ))
+        .one(&txn)
+        .await
+        .unwrap()
+        .expect("the completing statement prepared on the connection")
+        .name;
+        // Its parameters: the count, the time, the ids and their bounds.
+        let list = second
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (lo, hi) = (second[0], second[second.len() - 1]);
+        let plan: serde_json::Value = txn
+            .query_one(Statement::from_string(
+                DbBackend::Postgres,
+                format!(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) \
+                     EXECUTE {name}(0, now(), '{{{list}}}'::bigint[], {lo}, {hi})"
+                ),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "QUERY PLAN")
+            .unwrap();
+        txn.commit().await.unwrap();
+        let mut nodes = Vec::new();
+        plan_nodes(&plan[0]["Plan"], &mut nodes);
+        let repeated: Vec<_> = nodes
+            .iter()
+            .filter(|n| n["Actual Loops"].as_i64() != Some(1))
+            .map(|n| format!("{} x{}", n["Node Type"], n["Actual Loops"]))
+            .collect();
+        assert!(
+            repeated.is_empty(),
+            "steps run more than once for a batch of {}: {repeated:?}",
+            second.len()
+        );
+        assert_eq!(
+            rows_where(&one, "status = 'completed'").await,
+            180,
+            "both batches completed, and no other campaign"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Every node of an `EXPLAIN (FORMAT JSON)` plan, depth first.
+fn plan_nodes<'a>(node: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
+    out.push(node);
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        plan_nodes(child, out);
+    }
 }
 
 #[tokio::test]
