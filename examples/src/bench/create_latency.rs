@@ -257,16 +257,25 @@ async fn run_on(
     load: Load,
 ) -> anyhow::Result<Latencies> {
     let (url, tag) = (nats_url.to_string(), tag.to_string());
-    tokio::task::spawn_blocking(move || {
-        let client = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        client.block_on(async {
-            let nats = async_nats::connect(&url).await?;
-            requesters(&nats, subject, &tag, load).await
-        })
-    })
-    .await?
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // A named thread, so a profile or `top -H` tells the requesters from the node.
+    std::thread::Builder::new()
+        .name("bench-requesters".into())
+        .spawn(move || {
+            let run = || -> anyhow::Result<Latencies> {
+                let client = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                client.block_on(async {
+                    let nats = async_nats::connect(&url).await?;
+                    requesters(&nats, subject, &tag, load).await
+                })
+            };
+            let _ = done_tx.send(run());
+        })?;
+    done_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the requesters' thread ended without a result"))?
 }
 
 async fn requesters(
