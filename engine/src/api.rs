@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 mod after_create;
 mod coupons;
 mod create_batch;
+mod prune;
 mod start;
 
 pub use after_create::{AfterCreate, AfterCreates};
@@ -97,6 +98,13 @@ impl ApiService {
         herald_nats::sync_with_server(&self.nats).await;
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.max_in_flight.max(1)));
+        // Its own token: the pruner also ends when the requests end without `stop`.
+        let prune_stop = stop.child_token();
+        let pruner = tokio::spawn(prune::expired_claims(
+            this.store.clone(),
+            this.dedupe_window,
+            prune_stop.clone(),
+        ));
         Ok(tokio::spawn(async move {
             let requests = futures::stream::select_all(subs).take_until(stop.cancelled_owned());
             let mut requests = std::pin::pin!(requests);
@@ -113,6 +121,8 @@ impl ApiService {
                 while tasks.try_join_next().is_some() {}
             }
             while tasks.join_next().await.is_some() {}
+            prune_stop.cancel();
+            let _ = pruner.await;
         }))
     }
 

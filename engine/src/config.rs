@@ -133,7 +133,8 @@ impl Default for DatabaseConfig {
 pub struct ApiConfig {
     /// Serve the API on this node.
     pub enabled: bool,
-    /// Seconds within which a repeated create request is answered as a duplicate.
+    /// Seconds within which a repeated create request is answered as a duplicate. The
+    /// database's claims older than twice this are removed (every 5 minutes).
     pub dedupe_window_secs: u64,
     /// Requests handled at once on this node.
     pub max_in_flight: usize,

@@ -2,7 +2,8 @@
 //! creates, repeats within the batch and within the window recognised, racing repeats
 //! inserted once; and finished push batches recorded many per statement, a batch recorded before
 //! left as it was; a record answering the campaigns it completed; a bucket's users read as
-//! one aggregated row, in order, on both; and, on PostgreSQL, the lookups of campaigns by id
+//! one aggregated row, in order, on both; dedupe claims past their window pruned, live ones
+//! kept; and, on PostgreSQL, the lookups of campaigns by id
 //! using the primary key on a table that grew after their plans were made, a batch of
 //! campaigns completed with no step of the plan run once per campaign, and the campaign
 //! insert warmed on every connection of a pool.
@@ -123,6 +124,106 @@ async fn batch_insert_on(db: DatabaseConnection) {
     );
     let other = read.iter().find(|c| c.id == first[0].0).unwrap();
     assert_eq!(other.coupon_id, None);
+}
+
+/// The claims of keys last used more than the cut-off ago are removed, at most `limit` a
+/// call, and the others kept; a key whose claim was removed is new again, as it was once its
+/// window had passed, and a kept one is still a repeat.
+async fn pruning_claims_on(db: DatabaseConnection) {
+    herald_engine::engine::migrate(&db).await.unwrap();
+    let store = Store::new(db.clone());
+    let now = Utc::now();
+    let window = Span::minutes(30);
+    let (o1, o2, o3, live) = (
+        campaign("old 1"),
+        campaign("old 2"),
+        campaign("old 3"),
+        campaign("live"),
+    );
+    let then = now - Span::hours(3);
+    store
+        .insert_campaigns(&batch(&[&o1, &o2, &o3], then, then - window))
+        .await
+        .unwrap();
+    let recent = now - Span::minutes(10);
+    let (live_id, _) = store
+        .insert_campaign(&live, recent, recent - window)
+        .await
+        .unwrap();
+    let cut = now - Span::hours(1);
+    assert_eq!(store.prune_dedupe_claims(cut, 2).await.unwrap(), 2);
+    assert_eq!(store.prune_dedupe_claims(cut, 2).await.unwrap(), 1);
+    assert_eq!(store.prune_dedupe_claims(cut, 2).await.unwrap(), 0);
+    assert_eq!(claims(&db).await, 1, "the live claim stays");
+    assert_eq!(
+        store
+            .insert_campaign(&live, now, now - window)
+            .await
+            .unwrap(),
+        (live_id, false),
+        "a key within its window is still a repeat"
+    );
+    let (_, inserted) = store.insert_campaign(&o1, now, now - window).await.unwrap();
+    assert!(inserted, "a key past its window makes a new campaign");
+    assert_eq!(rows(&db).await, 5, "the campaigns themselves are all kept");
+}
+
+/// A create takes an expired claim over while a prune that chose it waits for the row: the
+/// prune leaves the claim, now live, in place.
+#[tokio::test]
+async fn a_claim_taken_over_during_a_prune_is_kept() {
+    on_postgres("storeprunerace", |db: DatabaseConnection| async move {
+        herald_engine::engine::migrate(&db).await.unwrap();
+        let store = Store::new(db.clone());
+        let now = Utc::now();
+        let then = now - Span::hours(3);
+        let old = campaign("taken over");
+        store
+            .insert_campaign(&old, then, then - Span::minutes(30))
+            .await
+            .unwrap();
+        // The takeover as the create's claim does it, held open on a connection of its own.
+        let takeover = db.begin().await.unwrap();
+        takeover
+            .execute(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE campaign_dedupe SET created_at = $1 WHERE dedupe_key = $2",
+                [now.into(), "taken over".into()],
+            ))
+            .await
+            .unwrap();
+        let prune = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .prune_dedupe_claims(now - Span::hours(1), 10)
+                    .await
+                    .unwrap()
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!prune.is_finished(), "the prune waits for the claimed row");
+        takeover.commit().await.unwrap();
+        assert_eq!(prune.await.unwrap(), 0, "the live claim is not removed");
+        assert_eq!(claims(&db).await, 1);
+    })
+    .await;
+}
+
+async fn claims(db: &DatabaseConnection) -> i64 {
+    #[derive(FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    N::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        "SELECT COUNT(*) AS n FROM campaign_dedupe",
+    ))
+    .one(db)
+    .await
+    .unwrap()
+    .unwrap()
+    .n
 }
 
 /// Creates with one dedupe key racing on separate connections, with no Redis in front:
@@ -672,6 +773,16 @@ async fn a_record_that_completes_its_campaign_says_so_on_postgres() {
 #[tokio::test]
 async fn batch_insert_on_postgres() {
     on_postgres("storebatch", batch_insert_on).await;
+}
+
+#[tokio::test]
+async fn expired_claims_are_pruned_and_live_ones_kept_on_sqlite() {
+    pruning_claims_on(sqlite().await).await;
+}
+
+#[tokio::test]
+async fn expired_claims_are_pruned_and_live_ones_kept_on_postgres() {
+    on_postgres("storeprune", pruning_claims_on).await;
 }
 
 #[tokio::test]

@@ -138,6 +138,35 @@ impl Store {
             .map(|c| c.campaign_id))
     }
 
+    /// Deletes up to `limit` dedupe claims made before `before`, and returns how many it
+    /// deleted. A claim older than its window makes nothing a repeat any more (the next create
+    /// with its key takes it over), so removing it changes no answer. Left alone, one stays
+    /// for every key ever used, and the claims' index, which every create writes to, grows
+    /// with them.
+    pub async fn prune_dedupe_claims(
+        &self,
+        before: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<u64, DbErr> {
+        // The age is checked again on the row being deleted, not only in the subquery: a
+        // create that takes a claim over between the two gives it a new time, and PostgreSQL
+        // re-checks a locked row against the outer condition alone.
+        let deleted = self
+            .db
+            .execute(stmt(
+                &self.db,
+                "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
+                 (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3)",
+                vec![
+                    before.into(),
+                    before.into(),
+                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await?;
+        Ok(deleted.rows_affected())
+    }
+
     /// PostgreSQL: ids for every row, the claims, and the inserts of the claimed rows in one
     /// statement. Returns the ids of the campaigns inserted, by dedupe key.
     async fn insert_claimed_in_one_statement(
