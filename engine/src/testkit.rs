@@ -21,3 +21,19 @@ pub use requests::promotion;
 pub use segment::gold_members;
 pub use server_process::TestServer;
 pub use webhook_sink::{SinkConfig, SinkPush, WebhookSink};
+
+/// The rows of `from`: a table, with a `WHERE` clause if wanted (`"campaign WHERE id > 3"`).
+pub async fn count(db: &sea_orm::DatabaseConnection, from: &str) -> Result<i64, sea_orm::DbErr> {
+    use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
+    #[derive(FromQueryResult)]
+    struct N {
+        n: i64,
+    }
+    let n = N::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        format!("SELECT COUNT(*) AS n FROM {from}"),
+    ))
+    .one(db)
+    .await?;
+    Ok(n.map_or(0, |r| r.n))
+}

@@ -12,7 +12,7 @@ use chrono::{Duration as Span, Utc};
 use herald_engine::{
     actors::store::{BatchRecord, BucketRecord, CampaignInsert, NewCampaign, Store},
     schemas::{Audience, InformType, SegmentFilter},
-    testkit::TestEnv,
+    testkit::{self, TestEnv},
 };
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, FromQueryResult, Statement, TransactionTrait,
@@ -40,19 +40,9 @@ async fn rows(db: &DatabaseConnection) -> i64 {
 
 /// The campaigns for which `condition` holds.
 async fn rows_where(db: &DatabaseConnection, condition: &str) -> i64 {
-    #[derive(FromQueryResult)]
-    struct N {
-        n: i64,
-    }
-    N::find_by_statement(Statement::from_string(
-        db.get_database_backend(),
-        format!("SELECT COUNT(*) AS n FROM campaign WHERE {condition}"),
-    ))
-    .one(db)
-    .await
-    .unwrap()
-    .unwrap()
-    .n
+    testkit::count(db, &format!("campaign WHERE {condition}"))
+        .await
+        .unwrap()
 }
 
 fn batch<'a>(
@@ -211,19 +201,7 @@ async fn a_claim_taken_over_during_a_prune_is_kept() {
 }
 
 async fn claims(db: &DatabaseConnection) -> i64 {
-    #[derive(FromQueryResult)]
-    struct N {
-        n: i64,
-    }
-    N::find_by_statement(Statement::from_string(
-        db.get_database_backend(),
-        "SELECT COUNT(*) AS n FROM campaign_dedupe",
-    ))
-    .one(db)
-    .await
-    .unwrap()
-    .unwrap()
-    .n
+    testkit::count(db, "campaign_dedupe").await.unwrap()
 }
 
 /// Creates with one dedupe key racing on separate connections, with no Redis in front:

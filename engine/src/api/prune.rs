@@ -73,7 +73,7 @@ async fn round(store: &Store, before: chrono::DateTime<Utc>, stop: &Cancellation
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
+    use sea_orm::{ConnectionTrait, Statement};
 
     use super::*;
 
@@ -92,20 +92,9 @@ mod tests {
     }
 
     async fn claims(store: &Store) -> i64 {
-        #[derive(FromQueryResult)]
-        struct N {
-            n: i64,
-        }
-        let db = store.db();
-        N::find_by_statement(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM campaign_dedupe",
-        ))
-        .one(db)
-        .await
-        .unwrap()
-        .unwrap()
-        .n
+        crate::testkit::count(store.db(), "campaign_dedupe")
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
