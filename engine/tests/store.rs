@@ -158,44 +158,62 @@ async fn pruning_claims_on(db: DatabaseConnection) {
     assert_eq!(rows(&db).await, 5, "the campaigns themselves are all kept");
 }
 
-/// A create takes an expired claim over while a prune that chose it waits for the row: the
-/// prune leaves the claim, now live, in place.
+/// A create's statement takes expired claims over while a prune runs: the prune skips the
+/// claim the create holds, which stays, and removes the other, without waiting. A prune that
+/// waited for the held claim while holding the other would deadlock with the create as it
+/// claims that one too.
 #[tokio::test]
-async fn a_claim_taken_over_during_a_prune_is_kept() {
+async fn a_prune_neither_removes_nor_waits_for_a_claim_a_create_holds() {
     on_postgres("storeprunerace", |db: DatabaseConnection| async move {
         herald_engine::engine::migrate(&db).await.unwrap();
         let store = Store::new(db.clone());
         let now = Utc::now();
         let then = now - Span::hours(3);
-        let old = campaign("taken over");
+        let (second, first) = (campaign("second"), campaign("first"));
+        // "second" first, so a scan in table order meets it before "first".
         store
-            .insert_campaign(&old, then, then - Span::minutes(30))
+            .insert_campaigns(&batch(&[&second, &first], then, then - Span::minutes(30)))
             .await
             .unwrap();
-        // The takeover as the create's claim does it, held open on a connection of its own.
-        let takeover = db.begin().await.unwrap();
-        takeover
+        // The create's takeover of "first", held open on a connection of its own.
+        let create = db.begin().await.unwrap();
+        create
             .execute(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 "UPDATE campaign_dedupe SET created_at = $1 WHERE dedupe_key = $2",
-                [now.into(), "taken over".into()],
+                [now.into(), "first".into()],
             ))
             .await
             .unwrap();
-        let prune = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .prune_dedupe_claims(now - Span::hours(1), 10)
-                    .await
-                    .unwrap()
-            })
-        };
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert!(!prune.is_finished(), "the prune waits for the claimed row");
-        takeover.commit().await.unwrap();
-        assert_eq!(prune.await.unwrap(), 0, "the live claim is not removed");
-        assert_eq!(claims(&db).await, 1);
+        let removed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.prune_dedupe_claims(now - Span::hours(1), 10),
+        )
+        .await
+        .expect("the prune does not wait for the claim a create holds")
+        .unwrap();
+        assert_eq!(removed, 1, "the claim no create holds is removed");
+        // The same create claims "second" as a create's claim does: gone, so claimed afresh.
+        create
+            .execute(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "INSERT INTO campaign_dedupe (dedupe_key, campaign_id, created_at) \
+                 VALUES ($1, 99, $2) ON CONFLICT (dedupe_key) DO UPDATE \
+                 SET campaign_id = excluded.campaign_id, created_at = excluded.created_at",
+                ["second".into(), now.into()],
+            ))
+            .await
+            .unwrap();
+        create.commit().await.unwrap();
+        assert_eq!(claims(&db).await, 2);
+        assert_eq!(
+            store
+                .prune_dedupe_claims(now - Span::hours(1), 10)
+                .await
+                .unwrap(),
+            0,
+            "both claims are live"
+        );
     })
     .await;
 }

@@ -148,15 +148,26 @@ impl Store {
         before: DateTime<Utc>,
         limit: u64,
     ) -> Result<u64, DbErr> {
-        // The age is checked again on the row being deleted, not only in the subquery: a
-        // create that takes a claim over between the two gives it a new time, and PostgreSQL
-        // re-checks a locked row against the outer condition alone.
+        // On PostgreSQL the rows are locked as they are chosen, skipping those a create holds:
+        // a create's statement takes several keys over, and a prune that waited for one of
+        // them while holding another could deadlock with it (PostgreSQL would then abort one
+        // of the two, perhaps the create's whole group). A create that finds a row the prune
+        // holds waits for it to go and then claims the key afresh. The age is checked again
+        // on the row being deleted, so even a row changed after it was chosen is kept if it
+        // is live. SQLite has one writer at a time and no row locks.
+        let sql = if self.db.get_database_backend() == DbBackend::Postgres {
+            "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
+             (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3 \
+             FOR UPDATE SKIP LOCKED)"
+        } else {
+            "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
+             (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3)"
+        };
         let deleted = self
             .db
             .execute(stmt(
                 &self.db,
-                "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
-                 (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3)",
+                sql,
                 vec![
                     before.into(),
                     before.into(),

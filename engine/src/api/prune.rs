@@ -13,8 +13,9 @@ const FIRST_AFTER: Duration = Duration::from_secs(60);
 /// How often a node prunes.
 const EVERY: Duration = Duration::from_secs(300);
 /// Claims one statement removes. It runs on the API's own connections, which the creates'
-/// inserts use too, so it is kept short: about 5 ms on PostgreSQL, measured on a table of
-/// 490,000 claims, and as long when it finds none to remove.
+/// inserts use too, so it is kept short. On PostgreSQL, 451 statements removing 450,000
+/// claims beside 40,000 live ones took 3.9 ms on average and 15 ms at most; the last, which
+/// finds fewer and so reads every claim (nothing indexes their age), 12 ms.
 const CHUNK: u64 = 1_000;
 /// The pause between two statements of one round: while a backlog goes, a create finds the
 /// connection the round uses free about 95% of the time.
