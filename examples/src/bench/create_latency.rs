@@ -271,7 +271,19 @@ async fn run_on(
                     requesters(&nats, subject, &tag, load).await
                 })
             };
-            let _ = done_tx.send(run());
+            // A panic becomes the scenario's error, with its message, as a task's would.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(anyhow::anyhow!(
+                        "the requesters' thread panicked: {message}"
+                    ))
+                });
+            let _ = done_tx.send(result);
         })?;
     done_rx
         .await
