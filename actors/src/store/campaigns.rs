@@ -155,19 +155,19 @@ impl Store {
         // holds waits for it to go and then claims the key afresh. The age is checked again
         // on the row being deleted, so even a row changed after it was chosen is kept if it
         // is live. SQLite has one writer at a time and no row locks.
-        let sql = if self.db.get_database_backend() == DbBackend::Postgres {
-            "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
-             (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3 \
-             FOR UPDATE SKIP LOCKED)"
-        } else {
-            "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
-             (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3)"
+        let lock = match self.db.get_database_backend() {
+            DbBackend::Postgres => " FOR UPDATE SKIP LOCKED",
+            _ => "",
         };
+        let sql = format!(
+            "DELETE FROM campaign_dedupe WHERE created_at < $1 AND dedupe_key IN \
+             (SELECT dedupe_key FROM campaign_dedupe WHERE created_at < $2 LIMIT $3{lock})"
+        );
         let deleted = self
             .db
             .execute(stmt(
                 &self.db,
-                sql,
+                &sql,
                 vec![
                     before.into(),
                     before.into(),

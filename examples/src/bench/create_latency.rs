@@ -271,23 +271,11 @@ async fn run_on(
                     requesters(&nats, subject, &tag, load).await
                 })
             };
-            // A panic becomes the scenario's error, with its message, as a task's would.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                .unwrap_or_else(|panic| {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    Err(anyhow::anyhow!(
-                        "the requesters' thread panicked: {message}"
-                    ))
-                });
-            let _ = done_tx.send(result);
+            let _ = done_tx.send(run());
         })?;
-    done_rx
-        .await
-        .map_err(|_| anyhow::anyhow!("the requesters' thread ended without a result"))?
+    done_rx.await.map_err(|_| {
+        anyhow::anyhow!("the requesters' thread panicked (its message is on stderr)")
+    })?
 }
 
 async fn requesters(
