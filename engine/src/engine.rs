@@ -16,7 +16,10 @@ use herald_migrations::Migrator;
 use herald_nats::{StreamSettings, Topology};
 use herald_schemas::{InformType, Subjects};
 use ractor::{Actor, ActorRef};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{
+    sqlx::sqlite::SqliteSynchronous, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbBackend,
+};
 use sea_orm_migration::MigratorTrait;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -84,13 +87,17 @@ pub async fn connect_db_with(
         .min_connections(min_connections.clamp(1, max_connections.max(1)))
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
-        .sqlx_logging(false);
+        .sqlx_logging(false)
+        // `synchronous` is a setting of each connection, so it is set as each opens; a
+        // statement after the connect would reach one connection of the pool.
+        .map_sqlx_sqlite_opts(|o| o.synchronous(SqliteSynchronous::Normal));
     let db = Database::connect(opts)
         .await
         .with_context(|| format!("connecting to database {}", redact(url)))?;
     if db.get_database_backend() == DbBackend::Sqlite {
-        db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
-            .await?;
+        // The file keeps WAL mode once set. Set once here, not as each connection opens:
+        // switching modes takes a lock that connections opening together would race for.
+        db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
     }
     Ok(db)
 }
@@ -269,5 +276,49 @@ impl Drop for Engine {
         if let Some((root, _)) = self.root.take() {
             root.stop(Some("engine dropped".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{FromQueryResult, Statement, TransactionTrait};
+
+    use super::*;
+
+    #[derive(FromQueryResult)]
+    struct Pragma {
+        value: i64,
+    }
+
+    /// Every connection of a SQLite pool runs in WAL mode with `synchronous = NORMAL` (1), not
+    /// only the first: each transaction below holds a connection of its own.
+    #[tokio::test]
+    async fn every_sqlite_connection_gets_the_settings() {
+        let dir = std::env::temp_dir().join(format!("herald-pragmas-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("sqlite://{}/herald.db?mode=rwc", dir.display());
+        let db = connect_db_with(&url, 3, 3).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(db.begin().await.unwrap());
+        }
+        for txn in &held {
+            let read = |sql: &str| {
+                Pragma::find_by_statement(Statement::from_string(DbBackend::Sqlite, sql)).one(txn)
+            };
+            let sync = read("SELECT synchronous AS value FROM pragma_synchronous")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(sync.value, 1);
+            let wal = read("SELECT journal_mode = 'wal' AS value FROM pragma_journal_mode")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(wal.value, 1);
+        }
+        drop(held);
+        db.close().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -786,6 +786,20 @@ async fn racing_repeats_insert_once_on_sqlite() {
     racing_repeats_on(sqlite().await).await;
 }
 
+/// A SQLite file behind a pool of several connections, as a node's default database is:
+/// racing creates take turns as writers instead of failing.
+#[tokio::test]
+async fn racing_repeats_insert_once_on_a_sqlite_file_with_a_pool() {
+    let dir = std::env::temp_dir().join(format!("herald-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let url = format!("sqlite://{}/herald.db?mode=rwc", dir.display());
+    let db = herald_engine::engine::connect_db_with(&url, 8, 8)
+        .await
+        .unwrap();
+    racing_repeats_on(db).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn racing_repeats_insert_once_on_postgres() {
     on_postgres("storerace", racing_repeats_on).await;

@@ -102,7 +102,7 @@ impl Store {
         let inserted = match self.db.get_database_backend() {
             DbBackend::Postgres => self.insert_claimed_in_one_statement(&owners).await?,
             _ => {
-                let txn = self.db.begin().await?;
+                let txn = begin_writing(&self.db).await?;
                 let inserted = insert_claimed_one_by_one(&txn, &owners).await?;
                 txn.commit().await?;
                 inserted
@@ -285,9 +285,21 @@ fn claim_and_insert(owners: &[CampaignInsert<'_>]) -> Result<Statement, DbErr> {
     ))
 }
 
-/// SQLite, inside `txn`: each row's claim is read, and a row whose key is free or outside its
-/// window is inserted and claims it. SQLite runs one writer at a time, and a transaction that
-/// read a key before another committed a claim on it fails to write rather than claim again.
+/// SQLite: a transaction that holds the database's write lock from its start. Its first
+/// statement is a write that changes nothing, since sea-orm cannot begin one `IMMEDIATE`.
+/// A transaction that read first would take a snapshot, and if another connection then
+/// committed a write (another create, a prune, the pipeline's records), its own first write
+/// would fail at once with "database is locked" instead of waiting its turn. Taken first, the
+/// lock waits out the other writers (sqlx's busy timeout), and the reads see their commits.
+async fn begin_writing(db: &sea_orm::DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    let txn = db.begin().await?;
+    txn.execute_unprepared("DELETE FROM campaign_dedupe WHERE 0")
+        .await?;
+    Ok(txn)
+}
+
+/// SQLite, inside `txn` (from [`begin_writing`]): each row's claim is read, and a row whose
+/// key is free or outside its window is inserted and claims it.
 async fn insert_claimed_one_by_one(
     txn: &DatabaseTransaction,
     owners: &[CampaignInsert<'_>],
