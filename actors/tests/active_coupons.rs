@@ -98,3 +98,56 @@ async fn a_coupon_added_to_a_loaded_list_keeps_the_live_issued_count() {
     })
     .await;
 }
+
+/// The keys of `active`'s list: `<prefix>:cp:` followed by `name`.
+fn key(active: &ActiveCoupons, name: &str) -> String {
+    format!("{}{name}", active.key_pattern().trim_end_matches('*'))
+}
+
+async fn delete_key(key: &str) {
+    let client = connect(REDIS_URL, Duration::from_secs(10)).await.unwrap();
+    let _: i64 = fred::interfaces::KeysInterface::del(&client, key)
+        .await
+        .unwrap();
+}
+
+/// Redis can lose some keys and keep others (eviction, a partial restore). A list that lost
+/// its set of coupons, or one coupon's hash, must be reloaded from the database like a list
+/// Redis lost whole; read as loaded, it would let every login through without its coupons.
+#[tokio::test]
+async fn a_list_that_lost_part_of_its_keys_is_loaded_again() {
+    with_active(|active| async move {
+        let coupons = [lazy_coupon(1), lazy_coupon(2)];
+        active.sync(&coupons).await.unwrap();
+        assert_eq!(
+            active.claim(&[5], "a").await.unwrap(),
+            Claimed::Pairs(vec![(1, 5), (2, 5)])
+        );
+
+        delete_key(&key(&active, "active")).await;
+        assert_eq!(
+            active.claim(&[6], "a").await.unwrap(),
+            Claimed::NotLoaded,
+            "the set of coupons is gone"
+        );
+        active.sync(&coupons).await.unwrap();
+        assert_eq!(
+            active.claim(&[6], "a").await.unwrap(),
+            Claimed::Pairs(vec![(1, 6), (2, 6)])
+        );
+
+        delete_key(&key(&active, "2")).await;
+        assert_eq!(
+            active.claim(&[7], "a").await.unwrap(),
+            Claimed::NotLoaded,
+            "coupon 2's hash is gone"
+        );
+        // A reload from a database that no longer lists coupon 2 leaves it out for good.
+        active.sync(&coupons[..1]).await.unwrap();
+        assert_eq!(
+            active.claim(&[7], "a").await.unwrap(),
+            Claimed::Pairs(vec![(1, 7)])
+        );
+    })
+    .await;
+}

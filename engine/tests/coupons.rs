@@ -6,7 +6,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use chrono::{Duration as Span, Utc};
-use fred::interfaces::KeysInterface;
+use fred::interfaces::{KeysInterface, SortedSetsInterface};
 use herald_engine::{
     providers::{Ledger, SimulatedConfig, SimulatedProvider},
     schemas::{
@@ -327,6 +327,60 @@ async fn redis_losing_its_data_issues_nobody_twice() {
     .unwrap();
 }
 
+/// Redis can lose some keys and keep others (eviction, a partial restore). Here it loses the
+/// set of active coupons and keeps the rest: the logins after it still get their coupons,
+/// without waiting for the periodic reload (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_the_active_set_alone_still_issues_every_login() {
+    let mut env = TestEnv::new("cppartial").await.unwrap();
+    env.config.pipeline.coupon_sync_interval_ms = 3_600_000;
+    env.run_test(async {
+        env.seed(400).await.unwrap();
+        let (engine, _) = start(&env).await;
+        let c = create(
+            &env,
+            &CreateCouponRequest {
+                total: Some(300),
+                ..coupon("partial loss", CouponDelivery::Lazy)
+            },
+        )
+        .await
+        .unwrap();
+        let first: Vec<Vec<u8>> = (1..=200).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), first)
+            .await
+            .unwrap();
+        assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 200 }).await);
+
+        let redis =
+            herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
+                .await
+                .unwrap();
+        let _: i64 = redis
+            .del(format!("{}:cp:active", env.prefix))
+            .await
+            .unwrap();
+
+        let again: Vec<Vec<u8>> = (1..=400).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), again)
+            .await
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || async {
+                items(&env, c.coupon_id).await >= 300
+            })
+            .await,
+            "the logins after the loss got the coupon's last 100 items"
+        );
+        let users = users_of(&env, c.coupon_id).await;
+        assert_eq!(users.len(), 300, "never past the stock");
+        assert!((1..=200).all(|u| users.binary_search(&u).is_ok()));
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_coupon_redis_cannot_activate_is_refused_and_a_repeat_activates_it() {
     let mut env = TestEnv::new("cpadd").await.unwrap();
@@ -339,13 +393,14 @@ async fn a_lazy_coupon_redis_cannot_activate_is_refused_and_a_repeat_activates_i
             herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
                 .await
                 .unwrap();
-        let loaded = format!("{}:cp:loaded", env.prefix);
+        // The list is loaded when its set holds the member `loaded`.
         let active = format!("{}:cp:active", env.prefix);
+        let is_loaded = || async {
+            let score: Option<f64> = redis.zscore(&active, "loaded").await.unwrap_or(None);
+            score.is_some()
+        };
         assert!(
-            wait_until(LONG, || async {
-                redis.exists::<i64, _>(&loaded).await.unwrap_or(0) == 1
-            })
-            .await,
+            wait_until(LONG, is_loaded).await,
             "the node loaded the (empty) active list"
         );
         // The list's key holds a string, so Redis answers the add with WRONGTYPE.
@@ -365,7 +420,12 @@ async fn a_lazy_coupon_redis_cannot_activate_is_refused_and_a_repeat_activates_i
         let saved = count(&env, "SELECT COUNT(*) AS n FROM sales_promotion_coupon").await;
         assert_eq!(saved, 1, "the coupon is saved, not lost");
 
+        // The loaded, empty list again: only the repeat's add can put the coupon in it.
         let _: i64 = redis.del(&active).await.unwrap();
+        let _: i64 = redis
+            .zadd(&active, None, None, false, false, (f64::INFINITY, "loaded"))
+            .await
+            .unwrap();
         let again = create(&env, &req).await.unwrap();
         assert!(again.duplicate, "the repeat finds the saved coupon");
 

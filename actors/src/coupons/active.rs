@@ -2,16 +2,21 @@
 //!
 //! - `<p>:cp:active` — a sorted set of lazy coupon ids scored by their end time (ms); the
 //!   issue script drops the expired ones with one `ZREMRANGEBYSCORE`. No JSON list, no lock.
+//!   Its member `loaded` (score +inf, never expires) says the list was built from the
+//!   database: a flag in the set itself cannot outlive the set.
 //! - `<p>:cp:<id>` — a hash per coupon: `start`, `end`, `total` (-1 = unlimited) and `issued`.
 //! - `<p>:cp:<id>:got:<range>` — a bitmap per 2^20 user ids: users known to hold the coupon,
 //!   so a repeated login costs one `GETBIT` per coupon and no database work.
 //! - `<p>:cp:<id>:claims` — a hash of the users of a limited coupon being issued right now
 //!   (`token|deadline`); `issued` plus live claims never passes `total`, which is how stock
 //!   is taken atomically.
-//! - `<p>:cp:loaded` — set once the list was built from the database. When it is missing
-//!   (Redis lost its data) the issue script says so and the caller rebuilds the list from the
-//!   database first. The database stays the record: its unique index and guarded count keep
-//!   the item set exact even while Redis is wrong.
+//!
+//! When the list is not loaded (Redis lost its data), or lost part of it (a coupon of the set
+//! without its hash: Redis evicted or restored some keys and not others), the issue script
+//! says so and the caller rebuilds the list from the database first. Read as loaded, such a
+//! list would let logins through without their coupons, and nothing would issue them later.
+//! The database stays the record: its unique index and guarded count keep the item set
+//! exact even while Redis is wrong.
 
 use std::time::Duration;
 
@@ -24,21 +29,29 @@ use crate::markers::MarkerError;
 const GRACE_MS: i64 = 24 * 3600 * 1000;
 
 // ARGV: prefix, token, claim ttl ms, then user ids. Returns {-1} when the list is not
-// loaded, else a flat list of claimed (coupon id, user id) pairs.
+// loaded, else a flat list of claimed (coupon id, user id) pairs. A coupon whose hash is
+// gone leaves the set, and the list is marked not loaded: the reload puts it back if the
+// database still lists it.
 const ISSUE: &str = r#"
 local p, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('EXISTS', p .. ':cp:loaded') == 0 then return {-1} end
+local active = p .. ':cp:active'
+if not redis.call('ZSCORE', active, 'loaded') then return {-1} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local active = p .. ':cp:active'
 redis.call('ZREMRANGEBYSCORE', active, '-inf', now)
 local cs = {}
 for _, id in ipairs(redis.call('ZRANGE', active, 0, -1)) do
-  local base = p .. ':cp:' .. id
-  local m = redis.call('HMGET', base, 'start', 'total', 'issued')
-  local start, total, issued = tonumber(m[1]), tonumber(m[2]) or -1, tonumber(m[3]) or 0
-  if start and start <= now and (total < 0 or issued < total) then
-    cs[#cs + 1] = {tonumber(id), total, issued, base, false}
+  if id ~= 'loaded' then
+    local base = p .. ':cp:' .. id
+    local m = redis.call('HMGET', base, 'start', 'total', 'issued')
+    if not m[1] then
+      redis.call('ZREM', active, id, 'loaded')
+      return {-1}
+    end
+    local start, total, issued = tonumber(m[1]), tonumber(m[2]) or -1, tonumber(m[3]) or 0
+    if start <= now and (total < 0 or issued < total) then
+      cs[#cs + 1] = {tonumber(id), total, issued, base, false}
+    end
   end
 end
 local out = {}
@@ -130,7 +143,7 @@ return 1
 // which includes claims confirmed since the database was read, is kept.
 const SYNC: &str = r#"
 local p, mode, grace = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local loaded = redis.call('EXISTS', p .. ':cp:loaded') == 1
+local loaded = redis.call('ZSCORE', p .. ':cp:active', 'loaded') ~= false
 for i = 4, #ARGV, 5 do
   local base = p .. ':cp:' .. ARGV[i]
   redis.call('ZADD', p .. ':cp:active', ARGV[i + 2], ARGV[i])
@@ -142,7 +155,7 @@ for i = 4, #ARGV, 5 do
   end
   redis.call('PEXPIREAT', base, tonumber(ARGV[i + 2]) + grace)
 end
-if mode == 'sync' then redis.call('SET', p .. ':cp:loaded', '1') end
+if mode == 'sync' then redis.call('ZADD', p .. ':cp:active', '+inf', 'loaded') end
 return 1
 "#;
 
