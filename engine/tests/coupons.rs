@@ -279,9 +279,32 @@ async fn login_storm_on_two_nodes_issues_one_item_per_coupon_and_user() {
     .unwrap();
 }
 
+/// What Redis loses between two waves of logins.
+enum Loss {
+    /// Every key herald kept there.
+    Everything,
+    /// The set of active coupons alone (eviction, a partial restore), with the periodic
+    /// reload an hour away, so only the next login batch can notice.
+    ActiveSet,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_its_data_issues_nobody_twice() {
-    let env = TestEnv::new("cpredis").await.unwrap();
+    logins_across_a_redis_loss("cpredis", Loss::Everything).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_the_active_set_alone_still_issues_every_login() {
+    logins_across_a_redis_loss("cppartial", Loss::ActiveSet).await;
+}
+
+/// 1,000 users hold a coupon of stock 1,500 when Redis loses `loss`; then all 2,000 log in:
+/// the 1,000 keep theirs, 500 of the rest get the stock left, nobody gets two.
+async fn logins_across_a_redis_loss(name: &str, loss: Loss) {
+    let mut env = TestEnv::new(name).await.unwrap();
+    if matches!(loss, Loss::ActiveSet) {
+        env.config.pipeline.coupon_sync_interval_ms = 3_600_000;
+    }
     env.run_test(async {
         env.seed(2_000).await.unwrap();
         let (engine, _) = start(&env).await;
@@ -289,7 +312,7 @@ async fn redis_losing_its_data_issues_nobody_twice() {
             &env,
             &CreateCouponRequest {
                 total: Some(1_500),
-                ..coupon("survives flush", CouponDelivery::Lazy)
+                ..coupon("survives a loss", CouponDelivery::Lazy)
             },
         )
         .await
@@ -300,81 +323,41 @@ async fn redis_losing_its_data_issues_nobody_twice() {
             .unwrap();
         assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_000 }).await);
 
-        // Redis forgets everything herald kept there.
         let redis =
             herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
                 .await
                 .unwrap();
-        herald_engine::actors::markers::delete_matching(&redis, &format!("{}:*", env.prefix))
-            .await
-            .unwrap();
+        match loss {
+            Loss::Everything => {
+                herald_engine::actors::markers::delete_matching(
+                    &redis,
+                    &format!("{}:*", env.prefix),
+                )
+                .await
+                .unwrap();
+            }
+            Loss::ActiveSet => {
+                let _: i64 = redis
+                    .del(format!("{}:cp:active", env.prefix))
+                    .await
+                    .unwrap();
+            }
+        }
 
-        // Everyone logs in again: the first thousand hold theirs, 500 of the rest get the stock left.
         let again: Vec<Vec<u8>> = (1..=2_000).map(login_json).collect();
         env.publish_events(env.subjects().event_user_login(), again)
             .await
             .unwrap();
-        assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_500 }).await);
+        assert!(
+            wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_500 }).await,
+            "the logins after the loss got the coupon's last 500 items"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
         let users = users_of(&env, c.coupon_id).await;
         assert_eq!(users.len(), 1_500, "never past the stock");
         assert_eq!(users.iter().collect::<HashSet<_>>().len(), 1_500);
         assert!((1..=1_000).all(|u| users.binary_search(&u).is_ok()));
         assert_eq!(status(&env, c.coupon_id).await.issued, 1_500);
-        engine.shutdown().await.unwrap();
-    })
-    .await
-    .unwrap();
-}
-
-/// Redis can lose some keys and keep others (eviction, a partial restore). Here it loses the
-/// set of active coupons and keeps the rest: the logins after it still get their coupons,
-/// without waiting for the periodic reload (an hour here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_losing_the_active_set_alone_still_issues_every_login() {
-    let mut env = TestEnv::new("cppartial").await.unwrap();
-    env.config.pipeline.coupon_sync_interval_ms = 3_600_000;
-    env.run_test(async {
-        env.seed(400).await.unwrap();
-        let (engine, _) = start(&env).await;
-        let c = create(
-            &env,
-            &CreateCouponRequest {
-                total: Some(300),
-                ..coupon("partial loss", CouponDelivery::Lazy)
-            },
-        )
-        .await
-        .unwrap();
-        let first: Vec<Vec<u8>> = (1..=200).map(login_json).collect();
-        env.publish_events(env.subjects().event_user_login(), first)
-            .await
-            .unwrap();
-        assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 200 }).await);
-
-        let redis =
-            herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
-                .await
-                .unwrap();
-        let _: i64 = redis
-            .del(format!("{}:cp:active", env.prefix))
-            .await
-            .unwrap();
-
-        let again: Vec<Vec<u8>> = (1..=400).map(login_json).collect();
-        env.publish_events(env.subjects().event_user_login(), again)
-            .await
-            .unwrap();
-        assert!(
-            wait_until(Duration::from_secs(30), || async {
-                items(&env, c.coupon_id).await >= 300
-            })
-            .await,
-            "the logins after the loss got the coupon's last 100 items"
-        );
-        let users = users_of(&env, c.coupon_id).await;
-        assert_eq!(users.len(), 300, "never past the stock");
-        assert!((1..=200).all(|u| users.binary_search(&u).is_ok()));
         engine.shutdown().await.unwrap();
     })
     .await
