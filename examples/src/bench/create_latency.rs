@@ -16,23 +16,82 @@ use std::time::{Duration, Instant};
 
 use herald_engine::schemas::Subjects;
 
-/// Sorted latencies.
-pub struct Latencies(pub Vec<Duration>);
+/// Every request's latency, with the round it was sent in (its index in its requester's
+/// sequence), sorted by latency.
+pub struct Latencies {
+    samples: Vec<(Duration, usize)>,
+    paced: bool,
+}
+
+/// How a back-to-back run's latencies fall into rounds (see [`Latencies::rounds`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rounds {
+    /// Rounds in the run (requests per requester).
+    pub count: usize,
+    /// The median round's slowest reply.
+    pub median: Duration,
+    /// The slowest round's slowest reply.
+    pub slowest: Duration,
+    /// How many rounds the replies at or above the p99 came from.
+    pub p99_rounds: usize,
+}
 
 impl Latencies {
+    /// `samples` as (latency, round); `paced` for an open loop, whose requesters are not in
+    /// step.
+    pub fn new(mut samples: Vec<(Duration, usize)>, paced: bool) -> Self {
+        samples.sort();
+        Self { samples, paced }
+    }
+
+    /// Requests measured.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
     /// The q-quantile (0..=1).
     pub fn quantile(&self, q: f64) -> Duration {
-        if self.0.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.0.len() - 1) as f64 * q).round() as usize;
-        self.0[i]
+        self.samples
+            .get(self.quantile_index(q))
+            .map_or(Duration::ZERO, |s| s.0)
+    }
+
+    fn quantile_index(&self, q: f64) -> usize {
+        ((self.samples.len().saturating_sub(1)) as f64 * q).round() as usize
     }
 
     /// The mean.
     pub fn mean(&self) -> Duration {
-        let n = u32::try_from(self.0.len()).unwrap_or(u32::MAX).max(1);
-        self.0.iter().sum::<Duration>() / n
+        let n = u32::try_from(self.samples.len()).unwrap_or(u32::MAX).max(1);
+        self.samples.iter().map(|s| s.0).sum::<Duration>() / n
+    }
+
+    /// Back to back, the requesters move in step: a grouped commit answers most of the
+    /// requests in flight at once, so their requesters all send their next request together,
+    /// and request i of every requester is one round. A stall in a round holds all of its
+    /// requests, so the p99 of a run is about its slowest round. None for a paced run.
+    pub fn rounds(&self) -> Option<Rounds> {
+        if self.paced || self.samples.is_empty() {
+            return None;
+        }
+        let count = self.samples.iter().map(|s| s.1).max().unwrap_or(0) + 1;
+        let mut slowest_of = vec![Duration::ZERO; count];
+        for &(d, r) in &self.samples {
+            slowest_of[r] = slowest_of[r].max(d);
+        }
+        let mut tail: Vec<usize> = self.samples[self.quantile_index(0.99)..]
+            .iter()
+            .map(|s| s.1)
+            .collect();
+        tail.sort_unstable();
+        tail.dedup();
+        slowest_of.sort();
+        Some(Rounds {
+            count,
+            median: slowest_of[(count - 1) / 2],
+            slowest: slowest_of[count - 1],
+            p99_rounds: tail.len(),
+        })
     }
 
     /// `p50 … ms  p99 … ms  max … ms`.
@@ -46,10 +105,33 @@ impl Latencies {
         )
     }
 
-    /// The same as JSON, with the request count.
+    /// The line under a back-to-back row: its rounds. None for a paced run.
+    pub fn rounds_line(&self) -> Option<String> {
+        let r = self.rounds()?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Some(format!(
+            "  {} rounds in step: slowest reply per round {:.2} ms (median round), {:.2} ms \
+             (slowest); the replies at or above p99 are from {} round(s)",
+            r.count,
+            ms(r.median),
+            ms(r.slowest),
+            r.p99_rounds
+        ))
+    }
+
+    /// The same as JSON, with the request count (and the rounds, back to back).
     pub fn json(&self) -> serde_json::Value {
         let ms = |q: f64| self.quantile(q).as_secs_f64() * 1e3;
-        serde_json::json!({"p50": ms(0.5), "p99": ms(0.99), "requests": self.0.len()})
+        let mut v = serde_json::json!({"p50": ms(0.5), "p99": ms(0.99), "requests": self.len()});
+        if let Some(r) = self.rounds() {
+            v["rounds"] = serde_json::json!({
+                "count": r.count,
+                "median_round_ms": r.median.as_secs_f64() * 1e3,
+                "slowest_round_ms": r.slowest.as_secs_f64() * 1e3,
+                "p99_rounds": r.p99_rounds,
+            });
+        }
+        v
     }
 }
 
@@ -318,7 +400,7 @@ async fn requesters(
                 }
                 let t = Instant::now();
                 let reply = nats.request(subject.clone(), payload.into()).await?;
-                out.push(t.elapsed() + late);
+                out.push((t.elapsed() + late, i));
                 free_at = tokio::time::Instant::now();
                 let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
                 anyhow::ensure!(v["ok"] == serde_json::json!(true), "create failed: {v}");
@@ -334,13 +416,38 @@ async fn requesters(
     for t in tasks {
         all.extend(t.await??);
     }
-    all.sort();
-    Ok(Latencies(all))
+    Ok(Latencies::new(all, gap.is_some()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn back_to_back_rounds_name_the_slowest_round_and_a_paced_run_has_none() {
+        // 100 requesters x 20 rounds; every request of round 15 was held 3 ms longer.
+        let ms = |x: f64| Duration::from_secs_f64(x / 1e3);
+        let mut samples = Vec::new();
+        for round in 0..20 {
+            for r in 0..100 {
+                let base = if round == 15 {
+                    7.0
+                } else {
+                    4.0 + round as f64 * 0.01
+                };
+                samples.push((ms(base + r as f64 * 0.001), round));
+            }
+        }
+        let rounds = Latencies::new(samples.clone(), false).rounds().unwrap();
+        let close = |a: Duration, b: f64| (a.as_secs_f64() * 1e3 - b).abs() < 1e-6;
+        assert_eq!(rounds.count, 20);
+        assert_eq!(rounds.p99_rounds, 1, "the 1% slowest are all round 15's");
+        assert!(close(rounds.slowest, 7.099), "{rounds:?}");
+        // The 10th of the 20 rounds' slowest replies: rounds 0..=14 and 16..=19 take
+        // 4.0 + round x 0.01 + 0.099 ms, so the 10th is round 9's.
+        assert!(close(rounds.median, 4.189), "{rounds:?}");
+        assert!(Latencies::new(samples, true).rounds().is_none());
+    }
 
     #[test]
     fn a_requester_still_waiting_is_charged_from_its_time_and_a_late_wake_is_not() {

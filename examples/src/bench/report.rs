@@ -306,11 +306,14 @@ pub fn print_report(run: &Run, m: Measured, login: Option<LoginsResult>) {
         rows.push((format!("commit floor, paced {:.0}/s", run.create_rate), c));
     }
     for (i, (label, l)) in rows.into_iter().enumerate() {
-        println!("{label:<34} {}  ({} requests)", l.summary(), l.0.len());
+        println!("{label:<34} {}  ({} requests)", l.summary(), l.len());
+        if let Some(line) = l.rounds_line() {
+            println!("{line}");
+        }
         if i == 0 {
             println!(
                 "{}",
-                crate::create_latency::campaigns_final_line(campaigns_final, l.0.len())
+                crate::create_latency::campaigns_final_line(campaigns_final, l.len())
             );
         }
     }

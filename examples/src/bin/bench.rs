@@ -422,29 +422,29 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
             args.requesters,
             args.requests_each
         );
+        if let Some(line) = l.rounds_line() {
+            println!("{line}");
+        }
         if let (0, Some(done)) = (i, campaigns_final) {
-            println!(
-                "{}",
-                create_latency::campaigns_final_line(done, lat.0.len())
-            );
+            println!("{}", create_latency::campaigns_final_line(done, lat.len()));
         }
     }
     println!(
         "cpu µs per create (requesters in the engine's process): {}",
-        cpu.micros_per(lat.0.len() as f64)
+        cpu.micros_per(lat.len() as f64)
     );
     println!(
         "cpu µs per no-op request (the same requesters):          {}",
-        floor_cpu.micros_per(floor_closed.0.len() as f64)
+        floor_cpu.micros_per(floor_closed.len() as f64)
     );
     println!(
         "cpu µs per request with a commit (the same requesters):  {}",
-        commit_cpu.micros_per(commit_closed.0.len() as f64)
+        commit_cpu.micros_per(commit_closed.len() as f64)
     );
     // Little's law: a closed loop holds `requesters` requests at once, so their mean
     // latency is requesters ÷ throughput, and throughput is at most cores ÷ CPU per request.
     let bound = |cpu: &proc::CpuSnapshot, l: &create_latency::Latencies| {
-        let per = cpu.total() / l.0.len().max(1) as f64;
+        let per = cpu.total() / l.len().max(1) as f64;
         let ms = args.requesters as f64 * per / cores().max(1) as f64 * 1e3;
         format!(
             "mean {:.2} ms, bound {ms:.2} ms",
