@@ -32,6 +32,8 @@ pub struct Rounds {
     pub median: Duration,
     /// The slowest round's slowest reply.
     pub slowest: Duration,
+    /// Which round that was (1 is the first).
+    pub slowest_round: usize,
     /// How many rounds the replies at or above the p99 came from.
     pub p99_rounds: usize,
 }
@@ -85,11 +87,13 @@ impl Latencies {
             .collect();
         tail.sort_unstable();
         tail.dedup();
+        let slowest_round = (0..count).max_by_key(|&r| slowest_of[r]).unwrap_or(0) + 1;
         slowest_of.sort();
         Some(Rounds {
             count,
             median: slowest_of[(count - 1) / 2],
             slowest: slowest_of[count - 1],
+            slowest_round,
             p99_rounds: tail.len(),
         })
     }
@@ -111,10 +115,11 @@ impl Latencies {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         Some(format!(
             "  {} rounds in step: slowest reply per round {:.2} ms (median round), {:.2} ms \
-             (slowest); the replies at or above p99 are from {} round(s)",
+             (slowest, round {}); the replies at or above p99 are from {} round(s)",
             r.count,
             ms(r.median),
             ms(r.slowest),
+            r.slowest_round,
             r.p99_rounds
         ))
     }
@@ -128,6 +133,7 @@ impl Latencies {
                 "count": r.count,
                 "median_round_ms": r.median.as_secs_f64() * 1e3,
                 "slowest_round_ms": r.slowest.as_secs_f64() * 1e3,
+                "slowest_round": r.slowest_round,
                 "p99_rounds": r.p99_rounds,
             });
         }
@@ -443,6 +449,7 @@ mod tests {
         assert_eq!(rounds.count, 20);
         assert_eq!(rounds.p99_rounds, 1, "the 1% slowest are all round 15's");
         assert!(close(rounds.slowest, 7.099), "{rounds:?}");
+        assert_eq!(rounds.slowest_round, 16);
         // The 10th of the 20 rounds' slowest replies: rounds 0..=14 and 16..=19 take
         // 4.0 + round x 0.01 + 0.099 ms, so the 10th is round 9's.
         assert!(close(rounds.median, 4.189), "{rounds:?}");
