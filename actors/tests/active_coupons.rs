@@ -55,6 +55,14 @@ fn lazy_coupon(id: i64) -> Coupon {
     }
 }
 
+/// Claimed pairs and nobody waiting.
+fn claimed(pairs: &[(i64, i64)]) -> Claimed {
+    Claimed::Pairs {
+        claimed: pairs.to_vec(),
+        waiting: Vec::new(),
+    }
+}
+
 #[tokio::test]
 async fn a_coupon_created_while_a_node_loads_the_list_stays_in_it() {
     with_active(|active| async move {
@@ -68,7 +76,10 @@ async fn a_coupon_created_while_a_node_loads_the_list_stays_in_it() {
         assert_eq!(active.claim(&[5], "a").await.unwrap(), Claimed::NotLoaded);
         // ... and the node writes what it had read.
         active.sync(&read_before_the_new_one).await.unwrap();
-        let Claimed::Pairs(mut pairs) = active.claim(&[7], "b").await.unwrap() else {
+        let Claimed::Pairs {
+            claimed: mut pairs, ..
+        } = active.claim(&[7], "b").await.unwrap()
+        else {
             panic!("the list is loaded");
         };
         pairs.sort_unstable();
@@ -83,16 +94,13 @@ async fn a_coupon_added_to_a_loaded_list_keeps_the_live_issued_count() {
         let mut limited = lazy_coupon(3);
         limited.total = Some(1);
         active.sync(std::slice::from_ref(&limited)).await.unwrap();
-        let Claimed::Pairs(pairs) = active.claim(&[10], "a").await.unwrap() else {
-            panic!("the list is loaded");
-        };
-        assert_eq!(pairs, vec![(3, 10)]);
+        assert_eq!(active.claim(&[10], "a").await.unwrap(), claimed(&[(3, 10)]));
         active.confirm(&[((3, 10), true)]).await.unwrap();
         // A repeated add (issued 0, as read before the item) must not give the stock back.
         active.add(&limited).await.unwrap();
         assert_eq!(
             active.claim(&[11], "b").await.unwrap(),
-            Claimed::Pairs(vec![]),
+            Claimed::none(),
             "the one item of stock is gone"
         );
     })
@@ -121,7 +129,7 @@ async fn a_list_that_lost_part_of_its_keys_is_loaded_again() {
         active.sync(&coupons).await.unwrap();
         assert_eq!(
             active.claim(&[5], "a").await.unwrap(),
-            Claimed::Pairs(vec![(1, 5), (2, 5)])
+            claimed(&[(1, 5), (2, 5)])
         );
 
         delete_key(&key(&active, "active")).await;
@@ -133,7 +141,7 @@ async fn a_list_that_lost_part_of_its_keys_is_loaded_again() {
         active.sync(&coupons).await.unwrap();
         assert_eq!(
             active.claim(&[6], "a").await.unwrap(),
-            Claimed::Pairs(vec![(1, 6), (2, 6)])
+            claimed(&[(1, 6), (2, 6)])
         );
 
         delete_key(&key(&active, "2")).await;
@@ -144,9 +152,57 @@ async fn a_list_that_lost_part_of_its_keys_is_loaded_again() {
         );
         // A reload from a database that no longer lists coupon 2 leaves it out for good.
         active.sync(&coupons[..1]).await.unwrap();
+        assert_eq!(active.claim(&[7], "a").await.unwrap(), claimed(&[(1, 7)]));
+    })
+    .await;
+}
+
+/// Claims in flight can hold a limited coupon's last stock and still come to nothing: after
+/// Redis lost the holders' bits, the first logins claim stock for users the database shows
+/// as holders already. Users turned away meanwhile must hear "wait", not "gone", or the
+/// stock those claims give back goes to nobody.
+#[tokio::test]
+async fn users_turned_away_for_stock_that_claims_hold_are_told_to_wait() {
+    with_active(|active| async move {
+        let mut limited = lazy_coupon(4);
+        limited.total = Some(2);
+        active.sync(std::slice::from_ref(&limited)).await.unwrap();
         assert_eq!(
-            active.claim(&[7], "a").await.unwrap(),
-            Claimed::Pairs(vec![(1, 7)])
+            active.claim(&[1, 2], "a").await.unwrap(),
+            claimed(&[(4, 1), (4, 2)])
+        );
+        assert_eq!(
+            active.claim(&[3], "b").await.unwrap(),
+            Claimed::Pairs {
+                claimed: vec![],
+                waiting: vec![(4, 3)]
+            },
+            "both items are held by claims that may come to nothing"
+        );
+        // Both were holders already (no new item): their claims go, the stock stays.
+        active
+            .confirm(&[((4, 1), false), ((4, 2), false)])
+            .await
+            .unwrap();
+        assert_eq!(
+            active.claim(&[3], "b").await.unwrap(),
+            claimed(&[(4, 3)]),
+            "the waiting user gets the stock the claims gave back"
+        );
+        active.confirm(&[((4, 3), true)]).await.unwrap();
+        assert_eq!(
+            active.claim(&[5, 6], "c").await.unwrap(),
+            Claimed::Pairs {
+                claimed: vec![(4, 5)],
+                waiting: vec![(4, 6)]
+            },
+            "the last item: 5 claims it, 6 waits for that claim"
+        );
+        active.confirm(&[((4, 5), true)]).await.unwrap();
+        assert_eq!(
+            active.claim(&[7], "c").await.unwrap(),
+            Claimed::none(),
+            "sold out: nobody waits for stock that is gone"
         );
     })
     .await;

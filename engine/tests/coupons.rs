@@ -364,6 +364,67 @@ async fn logins_across_a_redis_loss(name: &str, loss: Loss) {
     .unwrap();
 }
 
+/// A node that died mid-batch leaves claims on a limited coupon's last stock until their
+/// deadline. Users who log in meanwhile wait for those claims (their events come back)
+/// instead of being turned away for good: once the claims expire, they get the stock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_wait_out_a_dead_nodes_claims_on_the_last_stock() {
+    let env = TestEnv::new("cpdead").await.unwrap();
+    env.run_test(async {
+        env.seed(2_000).await.unwrap();
+        let (engine, _) = start(&env).await;
+        let c = create(
+            &env,
+            &CreateCouponRequest {
+                total: Some(1_500),
+                ..coupon("outlives a dead node", CouponDelivery::Lazy)
+            },
+        )
+        .await
+        .unwrap();
+        let first: Vec<Vec<u8>> = (1..=1_000).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), first)
+            .await
+            .unwrap();
+        assert!(wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_000 }).await);
+
+        // The dead node's claims on the 500 items left, for users 1,501..2,000, for 3 s more.
+        let redis =
+            herald_engine::actors::markers::connect(&env.config.redis.url, Duration::from_secs(5))
+                .await
+                .unwrap();
+        let deadline = Utc::now().timestamp_millis() + 3_000;
+        let claims: Vec<(String, String)> = (1_501..=2_000)
+            .map(|u| (u.to_string(), format!("dead-node:0|{deadline}")))
+            .collect();
+        let _: i64 = fred::interfaces::HashesInterface::hset(
+            &redis,
+            format!("{}:cp:{}:claims", env.prefix, c.coupon_id),
+            claims,
+        )
+        .await
+        .unwrap();
+
+        let waiting: Vec<Vec<u8>> = (1_001..=1_500).map(login_json).collect();
+        env.publish_events(env.subjects().event_user_login(), waiting)
+            .await
+            .unwrap();
+        assert!(
+            wait_until(LONG, || async { items(&env, c.coupon_id).await >= 1_500 }).await,
+            "the users who logged in while the dead node's claims held the stock got it"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            users_of(&env, c.coupon_id).await,
+            (1..=1_500).collect::<Vec<i64>>()
+        );
+        assert_eq!(status(&env, c.coupon_id).await.issued, 1_500);
+        engine.shutdown().await.unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_coupon_redis_cannot_activate_is_refused_and_a_repeat_activates_it() {
     let mut env = TestEnv::new("cpadd").await.unwrap();

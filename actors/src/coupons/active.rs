@@ -9,7 +9,8 @@
 //!   so a repeated login costs one `GETBIT` per coupon and no database work.
 //! - `<p>:cp:<id>:claims` — a hash of the users of a limited coupon being issued right now
 //!   (`token|deadline`); `issued` plus live claims never passes `total`, which is how stock
-//!   is taken atomically.
+//!   is taken atomically. A user turned away while claims hold the last of the stock is
+//!   told to wait rather than that it is gone: a claim can still come to nothing.
 //!
 //! When the list is not loaded (Redis lost its data), or lost part of it (a coupon of the set
 //! without its hash: Redis evicted or restored some keys and not others), the issue script
@@ -29,7 +30,8 @@ use crate::markers::MarkerError;
 const GRACE_MS: i64 = 24 * 3600 * 1000;
 
 // ARGV: prefix, token, claim ttl ms, then user ids. Returns {-1} when the list is not
-// loaded, else a flat list of claimed (coupon id, user id) pairs. A coupon whose hash is
+// loaded, else a flat list of (coupon id, user id) pairs: claimed ones, and with the coupon
+// id negated, users of a limited coupon whose last stock other claims hold right now. A coupon whose hash is
 // gone leaves the set, and the list is marked not loaded: the reload puts it back if the
 // database still lists it.
 const ISSUE: &str = r#"
@@ -57,9 +59,13 @@ end
 local out = {}
 if #cs == 0 then return out end
 local mine = token .. '|' .. (now + ttl)
+local function expired(v)
+  return tonumber(string.sub(v, string.find(v, '|', 1, true) + 1)) <= now
+end
+-- Another batch's claim, not expired (a token is one batch's, so a claim under ours was
+-- made by this very call).
 local function live(v)
-  local sep = string.find(v, '|', 1, true)
-  return string.sub(v, 1, sep - 1) ~= token and tonumber(string.sub(v, sep + 1)) > now
+  return string.sub(v, 1, string.find(v, '|', 1, true) - 1) ~= token and not expired(v)
 end
 for i = 4, #ARGV do
   local u = tonumber(ARGV[i])
@@ -76,16 +82,25 @@ for i = 4, #ARGV do
           local held = c[3] + redis.call('HLEN', ck)
           if held >= c[2] and not c[5] then
             -- Claims of crashed workers hold stock until their deadline: drop them once.
+            -- Only expired ones: this call's own claims are live.
             c[5] = true
             local all = redis.call('HGETALL', ck)
             for j = 1, #all, 2 do
-              if not live(all[j + 1]) then redis.call('HDEL', ck, all[j]) end
+              if expired(all[j + 1]) then redis.call('HDEL', ck, all[j]) end
             end
             held = c[3] + redis.call('HLEN', ck)
           end
           take = held < c[2]
         end
-        if take then redis.call('HSET', ck, ARGV[i], mine) end
+        if take then
+          redis.call('HSET', ck, ARGV[i], mine)
+        elseif not cur and c[3] < c[2] then
+          -- Refused only for stock that claims in flight hold. Such a claim can still come
+          -- to nothing (a holder whose bit Redis lost, a failed insert), so this user waits
+          -- for them instead of being turned away for good.
+          out[#out + 1] = -c[1]
+          out[#out + 1] = u
+        end
       end
       if take then
         out[#out + 1] = c[1]
@@ -164,8 +179,25 @@ return 1
 pub enum Claimed {
     /// The active list is not in Redis: rebuild it from the database and try again.
     NotLoaded,
-    /// (coupon, user) pairs to issue now; the limited ones are claimed under the token.
-    Pairs(Vec<(i64, i64)>),
+    /// What the users get now, and who waits.
+    Pairs {
+        /// (coupon, user) pairs to issue now; the limited ones are claimed under the token.
+        claimed: Vec<(i64, i64)>,
+        /// (coupon, user) pairs of a limited coupon whose stock left is all held by claims
+        /// in flight. Those may still come to nothing (a holder whose bit Redis lost, a
+        /// failed insert), so these users are not out of luck yet: ask again later.
+        waiting: Vec<(i64, i64)>,
+    },
+}
+
+impl Claimed {
+    /// Nothing to issue and nobody waiting.
+    pub fn none() -> Self {
+        Self::Pairs {
+            claimed: Vec::new(),
+            waiting: Vec::new(),
+        }
+    }
 }
 
 /// The active lazy coupons in Redis.
@@ -202,7 +234,7 @@ impl ActiveCoupons {
     /// For each user, the active coupons they do not hold yet, claiming limited ones.
     pub async fn claim(&self, users: &[i64], token: &str) -> Result<Claimed, MarkerError> {
         if users.is_empty() {
-            return Ok(Claimed::Pairs(vec![]));
+            return Ok(Claimed::none());
         }
         let mut args = vec![
             self.prefix.clone(),
@@ -217,9 +249,15 @@ impl ActiveCoupons {
         if out.first() == Some(&-1) {
             return Ok(Claimed::NotLoaded);
         }
-        Ok(Claimed::Pairs(
-            out.chunks_exact(2).map(|p| (p[0], p[1])).collect(),
-        ))
+        let (mut claimed, mut waiting) = (Vec::new(), Vec::new());
+        for p in out.chunks_exact(2) {
+            if p[0] < 0 {
+                waiting.push((-p[0], p[1]));
+            } else {
+                claimed.push((p[0], p[1]));
+            }
+        }
+        Ok(Claimed::Pairs { claimed, waiting })
     }
 
     /// Marks pairs as held: `issued` says which of them got a new item now.

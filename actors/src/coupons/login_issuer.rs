@@ -51,8 +51,9 @@ impl LoginIssuer {
             .map_err(|e| format!("writing active coupons: {e}"))
     }
 
-    /// Issues the missing lazy coupons of `users`; returns how many items were created.
-    pub async fn issue(&self, users: &[i64]) -> Result<usize, String> {
+    /// Issues the missing lazy coupons of `users`; returns how many items were created and
+    /// the users to ask again later (see [`Claimed::Pairs`]).
+    pub async fn issue(&self, users: &[i64]) -> Result<(usize, HashSet<i64>), String> {
         let active = &self.shared.coupons;
         let n = self.batches.fetch_add(1, Ordering::Relaxed);
         let token = format!("{}:{n}", self.shared.node_id);
@@ -68,12 +69,13 @@ impl LoginIssuer {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let pairs = match claimed {
-            Claimed::Pairs(p) => p,
+        let (pairs, waiting) = match claimed {
+            Claimed::Pairs { claimed, waiting } => (claimed, waiting),
             Claimed::NotLoaded => return Err("active coupon list could not be loaded".into()),
         };
+        let waiting: HashSet<i64> = waiting.into_iter().map(|(_, u)| u).collect();
         if pairs.is_empty() {
-            return Ok(0);
+            return Ok((0, waiting));
         }
         let issued = match self
             .shared
@@ -121,7 +123,7 @@ impl LoginIssuer {
             .confirm(&confirm)
             .await
             .map_err(|e| format!("confirming coupon items: {e}"))?;
-        Ok(issued.items.len())
+        Ok((issued.items.len(), waiting))
     }
 }
 
@@ -141,7 +143,7 @@ impl EventHandler for LoginIssuer {
             match decode_event::<UserLogin>(d.content_type.as_deref(), &d.payload) {
                 Ok(e) if e.user_id > 0 && e.user_id <= MAX_USER_ID => {
                     users.push(e.user_id);
-                    valid.push(i);
+                    valid.push((i, e.user_id));
                 }
                 Ok(e) => {
                     outcomes[i] = Outcome::Reject {
@@ -161,10 +163,28 @@ impl EventHandler for LoginIssuer {
         users.sort_unstable();
         users.dedup();
         match self.issue(&users).await {
-            Ok(n) => tracing::debug!(logins = users.len(), issued = n, "login batch done"),
+            Ok((n, waiting)) => {
+                tracing::debug!(
+                    logins = users.len(),
+                    issued = n,
+                    waiting = waiting.len(),
+                    "login batch done"
+                );
+                // Their events come back after the stage's backoff. A claim ends with its
+                // batch, or for a node that died at its deadline (`claim_ttl`, 60 s), which
+                // the default backoff (0.5 s doubling to 30 s, 8 deliveries: 61.5 s) outlasts;
+                // an event still waiting after its last delivery is dead-lettered, not lost.
+                for &(i, user) in &valid {
+                    if waiting.contains(&user) {
+                        outcomes[i] = Outcome::retry(
+                            "a limited coupon's last stock is held by claims in flight",
+                        );
+                    }
+                }
+            }
             Err(reason) => {
                 tracing::warn!(logins = users.len(), reason = %reason, "login batch failed");
-                for i in valid {
+                for (i, _) in valid {
                     outcomes[i] = Outcome::retry(reason.clone());
                 }
             }
