@@ -207,3 +207,23 @@ async fn users_turned_away_for_stock_that_claims_hold_are_told_to_wait() {
     })
     .await;
 }
+
+/// Before the loaded flag was a member of the set it was a key of its own; a sync removes
+/// such a key, so an upgraded deployment does not keep it forever.
+#[tokio::test]
+async fn a_sync_removes_the_old_loaded_key() {
+    with_active(|active| async move {
+        let old = key(&active, "loaded");
+        let client = connect(REDIS_URL, Duration::from_secs(10)).await.unwrap();
+        let _: () = fred::interfaces::KeysInterface::set(&client, &old, "1", None, None, false)
+            .await
+            .unwrap();
+        active.sync(&[lazy_coupon(1)]).await.unwrap();
+        let left: i64 = fred::interfaces::KeysInterface::exists(&client, &old)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "the old flag's key is gone");
+        assert_eq!(active.claim(&[5], "a").await.unwrap(), claimed(&[(1, 5)]));
+    })
+    .await;
+}

@@ -170,7 +170,11 @@ for i = 4, #ARGV, 5 do
   end
   redis.call('PEXPIREAT', base, tonumber(ARGV[i + 2]) + grace)
 end
-if mode == 'sync' then redis.call('ZADD', p .. ':cp:active', '+inf', 'loaded') end
+if mode == 'sync' then
+  redis.call('ZADD', p .. ':cp:active', '+inf', 'loaded')
+  -- The flag's own key before it became a member of the set (herald before 145d97d).
+  redis.call('DEL', p .. ':cp:loaded')
+end
 return 1
 "#;
 
