@@ -309,8 +309,9 @@ async fn logins_wait_out_a_dead_nodes_claims_on_the_last_stock() {
     logins_across("cpdead", Fault::DeadNodesClaims).await;
 }
 
-/// 1,000 users hold a coupon of stock 1,500 when `fault` happens; then all 2,000 log in: the
-/// 1,000 keep theirs, 500 of the rest get the stock left, nobody gets two.
+/// 1,000 users hold a coupon of stock 1,500 when `fault` happens; then all 2,000 log in (or,
+/// with a dead node's claims on users 1,501..2,000, the first 1,500): the 1,000 keep theirs,
+/// 500 of the rest get the stock left, nobody gets two.
 async fn logins_across(name: &str, fault: Fault) {
     let mut env = TestEnv::new(name).await.unwrap();
     if matches!(fault, Fault::LostActiveSet) {

@@ -31,8 +31,8 @@ const GRACE_MS: i64 = 24 * 3600 * 1000;
 
 // ARGV: prefix, token, claim ttl ms, then user ids. Returns {-1} when the list is not
 // loaded, else a flat list of (coupon id, user id) pairs: claimed ones, and with the coupon
-// id negated, users of a limited coupon whose last stock other claims hold right now. A coupon whose hash is
-// gone leaves the set, and the list is marked not loaded: the reload puts it back if the
+// id negated, users of a limited coupon whose stock left claims in flight hold right now. A
+// coupon whose hash is gone leaves the set, and the list is marked not loaded: the reload puts it back if the
 // database still lists it.
 const ISSUE: &str = r#"
 local p, token, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -94,8 +94,9 @@ for i = 4, #ARGV do
         end
         if take then
           redis.call('HSET', ck, ARGV[i], mine)
-        elseif not cur and c[3] < c[2] then
-          -- Refused only for stock that claims in flight hold. Such a claim can still come
+        elseif not cur then
+          -- Refused only for stock that claims in flight hold (a coupon whose `issued`
+          -- reached `total` is not in `cs` at all). Such a claim can still come
           -- to nothing (a holder whose bit Redis lost, a failed insert), so this user waits
           -- for them instead of being turned away for good.
           out[#out + 1] = -c[1]
