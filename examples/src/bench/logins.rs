@@ -339,7 +339,7 @@ fn publish(
                 .await
                 .with_context(|| format!("connecting to {url}"))?;
             let js = async_nats::jetstream::new(nats.clone());
-            let cpu0 = thread_cpu_seconds();
+            let cpu0 = crate::proc::thread_cpu_seconds();
             let t0 = Instant::now();
             let _ = started.send(t0);
             let payloads = order.into_iter().enumerate().map(|(i, user_id)| {
@@ -351,7 +351,7 @@ fn publish(
             });
             crate::scratch::produce(js, subject, payloads).await??;
             let seconds = t0.elapsed().as_secs_f64();
-            let cpu = thread_cpu_seconds() - cpu0;
+            let cpu = crate::proc::thread_cpu_seconds() - cpu0;
             nats.flush().await?;
             Ok(Published { seconds, cpu })
         })
@@ -375,9 +375,4 @@ async fn sql_i64(url: &str, sql: &str) -> anyhow::Result<i64> {
     text.trim()
         .parse()
         .with_context(|| format!("psql printed {:?} for {sql}", text.trim()))
-}
-
-/// User + system CPU seconds of the calling thread.
-fn thread_cpu_seconds() -> f64 {
-    crate::proc::stat_cpu_seconds("/proc/thread-self/stat", false)
 }
