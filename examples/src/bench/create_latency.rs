@@ -21,6 +21,8 @@ use herald_engine::schemas::Subjects;
 pub struct Latencies {
     samples: Vec<(Duration, usize)>,
     paced: bool,
+    /// Each round's first request sent and last reply received.
+    windows: Vec<(Instant, Instant)>,
 }
 
 /// How a back-to-back run's latencies fall into rounds (see [`Latencies::rounds`]).
@@ -43,7 +45,44 @@ impl Latencies {
     /// step.
     pub fn new(mut samples: Vec<(Duration, usize)>, paced: bool) -> Self {
         samples.sort();
-        Self { samples, paced }
+        Self {
+            samples,
+            paced,
+            windows: Vec::new(),
+        }
+    }
+
+    /// The same, with when each round (by index) began and ended.
+    pub fn with_windows(self, windows: Vec<(Instant, Instant)>) -> Self {
+        Self { windows, ..self }
+    }
+
+    /// One JSON object per round of a back-to-back run, for `scripts/create_stalls.py`: the
+    /// round's slowest reply and its window on CLOCK_MONOTONIC (seconds, as `perf record -k
+    /// CLOCK_MONOTONIC` stamps its samples). Empty for a paced run.
+    pub fn round_trace(&self, label: &str) -> Vec<serde_json::Value> {
+        if self.paced {
+            return Vec::new();
+        }
+        let mut slowest = vec![Duration::ZERO; self.windows.len()];
+        for &(d, r) in &self.samples {
+            if let Some(s) = slowest.get_mut(r) {
+                *s = (*s).max(d);
+            }
+        }
+        let (now, mono_now) = (Instant::now(), monotonic_now());
+        let mono = |t: Instant| mono_now - now.saturating_duration_since(t).as_secs_f64();
+        self.windows
+            .iter()
+            .zip(slowest)
+            .enumerate()
+            .map(|(r, (&(start, end), slowest))| {
+                serde_json::json!({
+                    "loop": label, "round": r + 1, "start": mono(start), "end": mono(end),
+                    "slowest_ms": slowest.as_secs_f64() * 1e3,
+                })
+            })
+            .collect()
     }
 
     /// Requests measured.
@@ -203,6 +242,14 @@ pub struct Load {
     pub per_requester: usize,
     /// Requests per second over all requesters; None sends back to back.
     pub rate: Option<f64>,
+}
+
+/// CLOCK_MONOTONIC now, in seconds.
+fn monotonic_now() -> f64 {
+    // SAFETY: clock_gettime only writes into the struct it is given, which is plain data.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// What the floor's responder does before it replies.
@@ -406,7 +453,7 @@ async fn requesters(
                 }
                 let t = Instant::now();
                 let reply = nats.request(subject.clone(), payload.into()).await?;
-                out.push((t.elapsed() + late, i));
+                out.push((t.elapsed() + late, i, t, Instant::now()));
                 free_at = tokio::time::Instant::now();
                 let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
                 anyhow::ensure!(v["ok"] == serde_json::json!(true), "create failed: {v}");
@@ -419,10 +466,16 @@ async fn requesters(
         }));
     }
     let mut all = Vec::with_capacity(requesters * per_requester);
+    let mut windows: Vec<Option<(Instant, Instant)>> = vec![None; per_requester];
     for t in tasks {
-        all.extend(t.await??);
+        for (d, i, sent, replied) in t.await?? {
+            all.push((d, i));
+            let w = windows[i].get_or_insert((sent, replied));
+            *w = (w.0.min(sent), w.1.max(replied));
+        }
     }
-    Ok(Latencies::new(all, gap.is_some()))
+    let windows = windows.into_iter().flatten().collect();
+    Ok(Latencies::new(all, gap.is_some()).with_windows(windows))
 }
 
 #[cfg(test)]

@@ -102,6 +102,11 @@ struct Args {
     /// With --only-create: measure on an API-only node (no fan-out).
     #[arg(long)]
     api_only: bool,
+    /// With --only-create: append each back-to-back loop's rounds (the first request sent and
+    /// the last reply, on CLOCK_MONOTONIC) to this file as JSON lines, for
+    /// scripts/create_stalls.sh.
+    #[arg(long)]
+    rounds_trace: Option<std::path::PathBuf>,
     /// With --only-create: seed this many users first (the database's size, without a push).
     #[arg(long, default_value_t = 0)]
     seed_users: i64,
@@ -428,6 +433,25 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
         if let (0, Some(done)) = (i, campaigns_final) {
             println!("{}", create_latency::campaigns_final_line(done, lat.len()));
         }
+    }
+    if let Some(path) = &args.rounds_trace {
+        let mut lines = String::new();
+        for (label, l) in [
+            ("create", &lat),
+            ("no-op floor", &floor_closed),
+            ("commit floor", &commit_closed),
+        ] {
+            for v in l.round_trace(label) {
+                lines.push_str(&format!("{v}\n"));
+            }
+        }
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(lines.as_bytes()))
+            .map_err(|e| anyhow::anyhow!("writing the rounds to {}: {e}", path.display()))?;
     }
     println!(
         "cpu µs per create (requesters in the engine's process): {}",
