@@ -71,7 +71,10 @@ impl Latencies {
             }
         }
         let (now, mono_now) = (Instant::now(), monotonic_now());
-        let mono = |t: Instant| mono_now - now.saturating_duration_since(t).as_secs_f64();
+        let mono = |t: Instant| {
+            mono_now - now.saturating_duration_since(t).as_secs_f64()
+                + t.saturating_duration_since(now).as_secs_f64()
+        };
         self.windows
             .iter()
             .zip(slowest)
@@ -507,6 +510,30 @@ mod tests {
         // 4.0 + round x 0.01 + 0.099 ms, so the 10th is round 9's.
         assert!(close(rounds.median, 4.189), "{rounds:?}");
         assert!(Latencies::new(samples, true).rounds().is_none());
+    }
+
+    #[test]
+    fn the_round_trace_gives_each_round_its_window_and_slowest_reply() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let samples = vec![(ms(3), 0), (ms(5), 0), (ms(4), 1), (ms(2), 1)];
+        let windows = vec![(t0, t0 + ms(5)), (t0 + ms(5), t0 + ms(9))];
+        let lines = Latencies::new(samples.clone(), false)
+            .with_windows(windows.clone())
+            .round_trace("create");
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1]["round"], 2);
+        assert_eq!(lines[1]["loop"], "create");
+        assert_eq!(lines[0]["slowest_ms"], 5.0);
+        assert_eq!(lines[1]["slowest_ms"], 4.0);
+        let f = |v: &serde_json::Value| v.as_f64().unwrap();
+        let (start, end) = (f(&lines[0]["start"]), f(&lines[0]["end"]));
+        assert!((end - start - 0.005).abs() < 1e-6, "{start} {end}");
+        assert!((f(&lines[1]["start"]) - end).abs() < 1e-6);
+        // On CLOCK_MONOTONIC: within a second of now.
+        assert!((monotonic_now() - end).abs() < 1.0);
+        let paced = Latencies::new(samples, true).with_windows(windows);
+        assert!(paced.round_trace("create").is_empty());
     }
 
     #[test]
