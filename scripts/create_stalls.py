@@ -18,18 +18,27 @@ def category(task):
 
 
 def read_timehist(path):
-    """(start, end, task, cpu, wait for a CPU before it ran) of every run of a task."""
-    runs = []
+    """(start, end, task, cpu, wait for a CPU before it ran) of every run of a task, and
+    (begin, end, task) of every sleep of a process on the path in uninterruptible state (D:
+    waiting for the disk, such as PostgreSQL's WAL flush)."""
+    runs, disk = [], []
+    last = {}
     for line in open(path):
         f = line.split()
-        if len(f) < 6 or not f[1].startswith("["):
+        if len(f) < 7 or not f[1].startswith("["):
             continue
         try:
-            end, delay, run = float(f[0]), float(f[-2]) / 1e3, float(f[-1]) / 1e3
+            end, delay, run = float(f[0]), float(f[-3]) / 1e3, float(f[-2]) / 1e3
         except ValueError:
             continue
-        runs.append((end - run, end, f[2], f[1], delay))
-    return runs
+        start = end - run
+        task = f[2]
+        runs.append((start, end, task, f[1], delay))
+        before = last.get(task)
+        if before and before[1] == "D" and category(task) in PATH:
+            disk.append((before[0], start - delay, task))
+        last[task] = (end, f[-1])
+    return runs, disk
 
 
 def wait_beside_idle(runs, idle, a, b):
@@ -57,15 +66,26 @@ def main(rounds_path, timehist_path):
     for line in open(rounds_path):
         r = json.loads(line)
         loops.setdefault(r["loop"], []).append(r)
-    runs = read_timehist(timehist_path)
+    runs, disk = read_timehist(timehist_path)
     idle = sorted((start, end) for start, end, task, _, _ in runs if task.startswith("<idle>"))
     for name, rounds in loops.items():
         slowest = sorted(r["slowest_ms"] for r in rounds)
-        print(f"{name}: {len(rounds)} rounds, slowest reply per round {slowest[(len(slowest) - 1) // 2]:.2f} ms "
-              f"(median round) to {slowest[-1]:.2f} ms")
-        waited, beside_idle = wait_beside_idle(runs, idle, rounds[0]["start"], rounds[-1]["end"])
-        print(f"  the path's processes waited {waited * 1e3:.2f} ms in all for a CPU; a CPU was idle during "
-              f"{beside_idle * 1e3:.2f} ms of it")
+        if "paced" in name:
+            # A paced loop's entries are its requests at or above the p99, slowest first.
+            print(f"{name}: its {len(rounds)} requests at or above the p99 took {slowest[0]:.2f} to "
+                  f"{slowest[-1]:.2f} ms")
+        else:
+            print(f"{name}: {len(rounds)} rounds, slowest reply per round "
+                  f"{slowest[(len(slowest) - 1) // 2]:.2f} ms (median round) to {slowest[-1]:.2f} ms")
+        a = min(r["start"] for r in rounds)
+        b = max(r["end"] for r in rounds)
+        waited, beside_idle = wait_beside_idle(runs, idle, a, b)
+        print(f"  over {(b - a) * 1e3:.0f} ms the path's processes waited {waited * 1e3:.2f} ms in all for a "
+              f"CPU; a CPU was idle during {beside_idle * 1e3:.2f} ms of it")
+        flushes = sorted(e - s for s, e, _ in disk if a <= s <= b)
+        if flushes:
+            print(f"  waits for the disk on the path: {len(flushes)}, median {flushes[len(flushes) // 2] * 1e3:.2f} ms, "
+                  f"{sum(1 for x in flushes if x > 0.002)} over 2 ms, longest {flushes[-1] * 1e3:.2f} ms")
         for r in sorted(rounds, key=lambda r: -r["slowest_ms"])[:3]:
             a, b = r["start"], r["end"]
             used = collections.Counter()
@@ -83,10 +103,14 @@ def main(rounds_path, timehist_path):
                     worst = (delay, task, began)
             capacity = (b - a) * 2
             parts = [f"{k} {used[k] * 1e3:.2f}" for k in ["<idle>"] + PATH + ["other"] if used[k] > 0]
-            print(f"  round {r['round']}: slowest reply {r['slowest_ms']:.2f} ms, window {(b - a) * 1e3:.2f} ms "
+            kind = "request" if "paced" in name else "round"
+            print(f"  {kind} {r['round']}: slowest reply {r['slowest_ms']:.2f} ms, window {(b - a) * 1e3:.2f} ms "
                   f"(CPU ms of {capacity * 1e3:.2f}): " + ", ".join(parts))
             if others:
                 print("    other processes: " + ", ".join(f"{t} {v * 1e3:.2f} ms" for t, v in others.most_common(3)))
+            waits = sorted(((min(e, b) - max(s, a), t) for s, e, t in disk if s < b and e > a), reverse=True)
+            if waits:
+                print(f"    longest wait for the disk on the path: {waits[0][1]} {waits[0][0] * 1e3:.2f} ms")
             if worst[1]:
                 delay, task, began = worst
                 ran = collections.Counter()

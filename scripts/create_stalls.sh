@@ -4,12 +4,15 @@
 # stamped on CLOCK_MONOTONIC), has the bench write each loop's rounds to a file
 # (`--rounds-trace`), and prints, for the slowest rounds of each loop, how the two cores spent
 # the round: idle, each process of the create's path, and any other process, with the
-# longest wait for a CPU of a process on the path. BENCHMARKS.md ("Where the slow rounds
+# longest wait for a CPU and for the disk (PostgreSQL's WAL flush) of a process on the path. BENCHMARKS.md ("Where the slow rounds
 # go") has its results.
 #
 #   scripts/create_stalls.sh                      the API-only node (--api-only)
+#   scripts/create_stalls.sh --full-node          a full node (API and pipeline)
 #   scripts/create_stalls.sh --requests-each 100  more rounds (any other bench flags)
 #   OUT=/tmp/stalls scripts/create_stalls.sh      keep the trace there (default: a temp dir)
+#   PACED=1 scripts/create_stalls.sh --api-only   also the paced loops (2,000/s): their
+#                                                 requests at or above the p99
 #
 # Needs perf (Debian's linux-perf) allowed to record the sched tracepoints machine-wide (as
 # root, or kernel.perf_event_paranoid at -1), a release build of the bench
@@ -28,8 +31,12 @@ rm -f "$OUT/rounds.jsonl"
 
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--api-only)
+[ "${args[*]}" != "--full-node" ] || args=()
+# Back to back only unless PACED is set (the bench's paced loops then run too).
+pace=(--create-rate 0)
+[ -z "${PACED:-}" ] || pace=()
 perf sched record -k CLOCK_MONOTONIC -a -o "$OUT/sched.data" -- \
-  "$BENCH" --only-create --create-rate 0 --rounds-trace "$OUT/rounds.jsonl" "${args[@]}"
-perf sched timehist -i "$OUT/sched.data" > "$OUT/timehist.txt" 2>/dev/null
+  "$BENCH" --only-create "${pace[@]}" --rounds-trace "$OUT/rounds.jsonl" "${args[@]}"
+perf sched timehist --state -i "$OUT/sched.data" > "$OUT/timehist.txt" 2>/dev/null
 python3 scripts/create_stalls.py "$OUT/rounds.jsonl" "$OUT/timehist.txt"
 echo "trace kept in $OUT"

@@ -21,7 +21,8 @@ use herald_engine::schemas::Subjects;
 pub struct Latencies {
     samples: Vec<(Duration, usize)>,
     paced: bool,
-    /// Each round's first request sent and last reply received.
+    /// Back to back, each round's first request sent and last reply received; paced, the
+    /// windows of the requests at or above the p99, slowest first.
     windows: Vec<(Instant, Instant)>,
 }
 
@@ -52,24 +53,33 @@ impl Latencies {
         }
     }
 
-    /// The same, with when each round (by index) began and ended.
+    /// The same, with the windows of [`Latencies::round_trace`]: back to back, when each
+    /// round (by index) began and ended; paced, when the slowest requests did (slowest first).
     pub fn with_windows(self, windows: Vec<(Instant, Instant)>) -> Self {
         Self { windows, ..self }
     }
 
-    /// One JSON object per round of a back-to-back run, for `scripts/create_stalls.py`: the
-    /// round's slowest reply and its window on CLOCK_MONOTONIC (seconds, as `perf record -k
-    /// CLOCK_MONOTONIC` stamps its samples). Empty for a paced run.
+    /// JSON objects for `scripts/create_stalls.py`, each a window on CLOCK_MONOTONIC
+    /// (seconds, as `perf record -k CLOCK_MONOTONIC` stamps its samples) with its slowest
+    /// reply. Back to back, one per round; paced, where the requesters are not in step, one
+    /// per request at or above the p99, slowest first (`round` is then its rank).
     pub fn round_trace(&self, label: &str) -> Vec<serde_json::Value> {
-        if self.paced {
-            return Vec::new();
-        }
-        let mut slowest = vec![Duration::ZERO; self.windows.len()];
-        for &(d, r) in &self.samples {
-            if let Some(s) = slowest.get_mut(r) {
-                *s = (*s).max(d);
+        let slowest: Vec<Duration> = if self.paced {
+            let tail = &self.samples[self.quantile_index(0.99).min(self.samples.len())..];
+            tail.iter()
+                .rev()
+                .map(|s| s.0)
+                .take(self.windows.len())
+                .collect()
+        } else {
+            let mut slowest = vec![Duration::ZERO; self.windows.len()];
+            for &(d, r) in &self.samples {
+                if let Some(s) = slowest.get_mut(r) {
+                    *s = (*s).max(d);
+                }
             }
-        }
+            slowest
+        };
         let (now, mono_now) = (Instant::now(), monotonic_now());
         let mono = |t: Instant| {
             mono_now - now.saturating_duration_since(t).as_secs_f64()
@@ -470,15 +480,29 @@ async fn requesters(
     }
     let mut all = Vec::with_capacity(requesters * per_requester);
     let mut windows: Vec<Option<(Instant, Instant)>> = vec![None; per_requester];
+    let mut requests = Vec::new();
     for t in tasks {
         for (d, i, sent, replied) in t.await?? {
             all.push((d, i));
+            requests.push((d, sent, replied));
             let w = windows[i].get_or_insert((sent, replied));
             *w = (w.0.min(sent), w.1.max(replied));
         }
     }
-    let windows = windows.into_iter().flatten().collect();
-    Ok(Latencies::new(all, gap.is_some()).with_windows(windows))
+    let lat = Latencies::new(all, gap.is_some());
+    let windows = if gap.is_some() {
+        // The requests at or above the p99, slowest first: the ones a paced p99 is made of.
+        let tail = lat.len() - lat.quantile_index(0.99).min(lat.len());
+        requests.sort_by_key(|r| std::cmp::Reverse(r.0));
+        requests
+            .into_iter()
+            .take(tail)
+            .map(|r| (r.1, r.2))
+            .collect()
+    } else {
+        windows.into_iter().flatten().collect()
+    };
+    Ok(lat.with_windows(windows))
 }
 
 #[cfg(test)]
@@ -513,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn the_round_trace_gives_each_round_its_window_and_slowest_reply() {
+    fn the_round_trace_gives_each_round_or_slow_request_its_window_and_latency() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let samples = vec![(ms(3), 0), (ms(5), 0), (ms(4), 1), (ms(2), 1)];
@@ -532,8 +556,13 @@ mod tests {
         assert!((f(&lines[1]["start"]) - end).abs() < 1e-6);
         // On CLOCK_MONOTONIC: within a second of now.
         assert!((monotonic_now() - end).abs() < 1.0);
-        let paced = Latencies::new(samples, true).with_windows(windows);
-        assert!(paced.round_trace("create").is_empty());
+        // Paced: the requests at or above the p99 (here the slowest of four), with their own
+        // latencies.
+        let paced = Latencies::new(samples, true).with_windows(vec![windows[0]]);
+        let lines = paced.round_trace("create, paced");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["slowest_ms"], 5.0);
+        assert_eq!(lines[0]["round"], 1);
     }
 
     #[test]

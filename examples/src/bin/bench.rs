@@ -103,8 +103,8 @@ struct Args {
     #[arg(long)]
     api_only: bool,
     /// With --only-create: append each back-to-back loop's rounds (the first request sent and
-    /// the last reply, on CLOCK_MONOTONIC) to this file as JSON lines, for
-    /// scripts/create_stalls.sh.
+    /// the last reply, on CLOCK_MONOTONIC), and each paced loop's requests at or above its
+    /// p99, to this file as JSON lines, for scripts/create_stalls.sh.
     #[arg(long)]
     rounds_trace: Option<std::path::PathBuf>,
     /// With --only-create: seed this many users first (the database's size, without a push).
@@ -436,11 +436,19 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.rounds_trace {
         let mut lines = String::new();
-        for (label, l) in [
+        let mut loops = vec![
             ("create", &lat),
             ("no-op floor", &floor_closed),
             ("commit floor", &commit_closed),
-        ] {
+        ];
+        if let (Some(p), Some(f), Some(c)) = (&paced, &floor_paced, &commit_paced) {
+            loops.extend([
+                ("create, paced", p),
+                ("no-op floor, paced", f),
+                ("commit floor, paced", c),
+            ]);
+        }
+        for (label, l) in loops {
             for v in l.round_trace(label) {
                 lines.push_str(&format!("{v}\n"));
             }
