@@ -2,14 +2,14 @@
 # Where the slowest rounds of the back-to-back create loops went: runs
 # `bench --only-create` under `perf sched record` (every context switch on the machine,
 # stamped on CLOCK_MONOTONIC), has the bench write each loop's rounds to a file
-# (`--rounds-trace`), and prints, for the slowest rounds of each loop, how the two cores spent
-# the round: idle, each process of the create's path, and any other process, with the
-# longest wait for a CPU and for the disk (PostgreSQL's WAL flush) of a process on the path. BENCHMARKS.md ("Where the slow rounds
-# go") has its results.
+# (`--rounds-trace`), and prints, for the slowest rounds of each loop, how the two cores
+# spent the round: idle, each process of the create's path, and any other process, with the
+# longest wait for a CPU and for the disk (such as PostgreSQL's WAL flush) of a process on
+# the path. BENCHMARKS.md ("Where the slow rounds go") has its results.
 #
 #   scripts/create_stalls.sh                      the API-only node (--api-only)
 #   scripts/create_stalls.sh --full-node          a full node (API and pipeline)
-#   scripts/create_stalls.sh --requests-each 100  more rounds (any other bench flags)
+#   scripts/create_stalls.sh --requests-each 100  more rounds (other flags go to the bench)
 #   OUT=/tmp/stalls scripts/create_stalls.sh      keep the trace there (default: a temp dir)
 #   PACED=1 scripts/create_stalls.sh --api-only   also the paced loops (2,000/s): their
 #                                                 requests at or above the p99
@@ -29,9 +29,17 @@ OUT=${OUT:-$(mktemp -d -t herald-stalls.XXXXXX)}
 mkdir -p "$OUT"
 rm -f "$OUT/rounds.jsonl"
 
-args=("$@")
-[ ${#args[@]} -gt 0 ] || args=(--api-only)
-[ "${args[*]}" != "--full-node" ] || args=()
+# The API-only node unless --full-node (the script's own flag) is given; the rest go to the
+# bench.
+full="" api="" args=()
+for a in "$@"; do
+  case "$a" in
+    --full-node) full=1 ;;
+    --api-only) api=1; args+=("$a") ;;
+    *) args+=("$a") ;;
+  esac
+done
+[ -n "$full" ] || [ -n "$api" ] || args=(--api-only "${args[@]}")
 # Back to back only unless PACED is set (the bench's paced loops then run too).
 pace=(--create-rate 0)
 [ -z "${PACED:-}" ] || pace=()
