@@ -21,9 +21,20 @@ use herald_engine::schemas::Subjects;
 pub struct Latencies {
     samples: Vec<(Duration, usize)>,
     paced: bool,
-    /// Back to back, each round's first request sent and last reply received; paced, the
-    /// windows of the requests at or above the p99, slowest first.
-    windows: Vec<(Instant, Instant)>,
+    /// Back to back, each round's window (its first request sent, its last reply) and slowest
+    /// reply; paced, each request's at or above the p99, slowest first.
+    windows: Vec<Window>,
+}
+
+/// When a round (or one request) began and ended, and its slowest reply.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// The first request sent.
+    pub start: Instant,
+    /// The last reply received.
+    pub end: Instant,
+    /// The slowest reply's latency.
+    pub slowest: Duration,
 }
 
 /// How a back-to-back run's latencies fall into rounds (see [`Latencies::rounds`]).
@@ -53,10 +64,38 @@ impl Latencies {
         }
     }
 
-    /// The same, with the windows of [`Latencies::round_trace`]: back to back, when each
-    /// round (by index) began and ended; paced, when the slowest requests did (slowest first).
-    pub fn with_windows(self, windows: Vec<(Instant, Instant)>) -> Self {
-        Self { windows, ..self }
+    /// From each request's (latency, round, sent, replied), with the windows of
+    /// [`Latencies::round_trace`]: back to back, each round's; paced, those of the requests at
+    /// or above the p99, slowest first.
+    pub fn from_requests(requests: Vec<(Duration, usize, Instant, Instant)>, paced: bool) -> Self {
+        let lat = Self::new(requests.iter().map(|r| (r.0, r.1)).collect(), paced);
+        let one = |&(slowest, _, start, end): &(Duration, usize, Instant, Instant)| Window {
+            start,
+            end,
+            slowest,
+        };
+        let windows = if paced {
+            let tail = lat.len() - lat.quantile_index(0.99).min(lat.len());
+            let mut slow: Vec<Window> = requests.iter().map(one).collect();
+            slow.sort_by_key(|w| std::cmp::Reverse(w.slowest));
+            slow.truncate(tail);
+            slow
+        } else {
+            let mut rounds: Vec<Option<Window>> = Vec::new();
+            for r in &requests {
+                if rounds.len() <= r.1 {
+                    rounds.resize(r.1 + 1, None);
+                }
+                let w = rounds[r.1].get_or_insert(one(r));
+                *w = Window {
+                    start: w.start.min(r.2),
+                    end: w.end.max(r.3),
+                    slowest: w.slowest.max(r.0),
+                };
+            }
+            rounds.into_iter().flatten().collect()
+        };
+        Self { windows, ..lat }
     }
 
     /// JSON objects for `scripts/create_stalls.py`, each a window on CLOCK_MONOTONIC
@@ -64,22 +103,6 @@ impl Latencies {
     /// reply. Back to back, one per round; paced, where the requesters are not in step, one
     /// per request at or above the p99, slowest first (`round` is then its rank).
     pub fn round_trace(&self, label: &str) -> Vec<serde_json::Value> {
-        let slowest: Vec<Duration> = if self.paced {
-            let tail = &self.samples[self.quantile_index(0.99).min(self.samples.len())..];
-            tail.iter()
-                .rev()
-                .map(|s| s.0)
-                .take(self.windows.len())
-                .collect()
-        } else {
-            let mut slowest = vec![Duration::ZERO; self.windows.len()];
-            for &(d, r) in &self.samples {
-                if let Some(s) = slowest.get_mut(r) {
-                    *s = (*s).max(d);
-                }
-            }
-            slowest
-        };
         let (now, mono_now) = (Instant::now(), monotonic_now());
         let mono = |t: Instant| {
             mono_now - now.saturating_duration_since(t).as_secs_f64()
@@ -87,12 +110,11 @@ impl Latencies {
         };
         self.windows
             .iter()
-            .zip(slowest)
             .enumerate()
-            .map(|(r, (&(start, end), slowest))| {
+            .map(|(r, w)| {
                 serde_json::json!({
-                    "loop": label, "round": r + 1, "start": mono(start), "end": mono(end),
-                    "slowest_ms": slowest.as_secs_f64() * 1e3,
+                    "loop": label, "round": r + 1, "start": mono(w.start), "end": mono(w.end),
+                    "slowest_ms": w.slowest.as_secs_f64() * 1e3,
                 })
             })
             .collect()
@@ -479,30 +501,10 @@ async fn requesters(
         }));
     }
     let mut all = Vec::with_capacity(requesters * per_requester);
-    let mut windows: Vec<Option<(Instant, Instant)>> = vec![None; per_requester];
-    let mut requests = Vec::new();
     for t in tasks {
-        for (d, i, sent, replied) in t.await?? {
-            all.push((d, i));
-            requests.push((d, sent, replied));
-            let w = windows[i].get_or_insert((sent, replied));
-            *w = (w.0.min(sent), w.1.max(replied));
-        }
+        all.extend(t.await??);
     }
-    let lat = Latencies::new(all, gap.is_some());
-    let windows = if gap.is_some() {
-        // The requests at or above the p99, slowest first: the ones a paced p99 is made of.
-        let tail = lat.len() - lat.quantile_index(0.99).min(lat.len());
-        requests.sort_by_key(|r| std::cmp::Reverse(r.0));
-        requests
-            .into_iter()
-            .take(tail)
-            .map(|r| (r.1, r.2))
-            .collect()
-    } else {
-        windows.into_iter().flatten().collect()
-    };
-    Ok(lat.with_windows(windows))
+    Ok(Latencies::from_requests(all, gap.is_some()))
 }
 
 #[cfg(test)]
@@ -540,11 +542,14 @@ mod tests {
     fn the_round_trace_gives_each_round_or_slow_request_its_window_and_latency() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let samples = vec![(ms(3), 0), (ms(5), 0), (ms(4), 1), (ms(2), 1)];
-        let windows = vec![(t0, t0 + ms(5)), (t0 + ms(5), t0 + ms(9))];
-        let lines = Latencies::new(samples.clone(), false)
-            .with_windows(windows.clone())
-            .round_trace("create");
+        // (latency, round, sent, replied): round 1 from 0 to 5 ms, round 2 from 5 to 9 ms.
+        let requests = vec![
+            (ms(3), 0, t0, t0 + ms(3)),
+            (ms(5), 0, t0, t0 + ms(5)),
+            (ms(4), 1, t0 + ms(5), t0 + ms(9)),
+            (ms(2), 1, t0 + ms(5), t0 + ms(7)),
+        ];
+        let lines = Latencies::from_requests(requests.clone(), false).round_trace("create");
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["round"], 2);
         assert_eq!(lines[1]["loop"], "create");
@@ -558,8 +563,7 @@ mod tests {
         assert!((monotonic_now() - end).abs() < 1.0);
         // Paced: the requests at or above the p99 (here the slowest of four), with their own
         // latencies.
-        let paced = Latencies::new(samples, true).with_windows(vec![windows[0]]);
-        let lines = paced.round_trace("create, paced");
+        let lines = Latencies::from_requests(requests, true).round_trace("create, paced");
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["slowest_ms"], 5.0);
         assert_eq!(lines[0]["round"], 1);

@@ -420,7 +420,7 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
         rows.push((format!("floor, {pace}"), f));
         rows.push((format!("commit floor, {pace}"), c));
     }
-    for (i, (label, l)) in rows.into_iter().enumerate() {
+    for (i, (label, l)) in rows.iter().enumerate() {
         println!(
             "{label:<30} {}  ({} requesters x {})",
             l.summary(),
@@ -436,19 +436,7 @@ async fn only_create(env: &TestEnv, args: &Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.rounds_trace {
         let mut lines = String::new();
-        let mut loops = vec![
-            ("create", &lat),
-            ("no-op floor", &floor_closed),
-            ("commit floor", &commit_closed),
-        ];
-        if let (Some(p), Some(f), Some(c)) = (&paced, &floor_paced, &commit_paced) {
-            loops.extend([
-                ("create, paced", p),
-                ("no-op floor, paced", f),
-                ("commit floor, paced", c),
-            ]);
-        }
-        for (label, l) in loops {
+        for (label, l) in &rows {
             for v in l.round_trace(label) {
                 lines.push_str(&format!("{v}\n"));
             }
