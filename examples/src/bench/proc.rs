@@ -325,12 +325,7 @@ mod tests {
 
     #[test]
     fn cpu_readings_resolve_a_fraction_of_a_clock_tick() {
-        let path = std::path::Path::new("/proc/self");
-        let (thread0, own0, threads0) = (
-            thread_cpu_seconds(),
-            cpu_seconds(),
-            threads_cpu_seconds(path),
-        );
+        let (thread0, own0) = (thread_cpu_seconds(), cpu_seconds());
         // Work until this thread has used 2 ms of CPU (or 2 s have passed).
         let wall = std::time::Instant::now();
         let mut x = 0u64;
@@ -346,8 +341,53 @@ mod tests {
         // it can trail this thread's by a fraction of a millisecond (0.12 ms seen).
         let own = cpu_seconds() - own0;
         assert!(own >= thread - 0.0005, "process {own} s, thread {thread} s");
-        if let (Some(t0), Some(t1)) = (threads0, threads_cpu_seconds(path)) {
-            assert!(t1 - t0 >= thread * 0.9, "threads {} s", t1 - t0);
+    }
+
+    #[test]
+    fn a_sleeping_threads_runtime_is_read_whole_from_its_sched_file() {
+        // A running thread's sched file trails by up to a scheduler tick, and threads of
+        // other tests come and go, so the walk is checked on a thread that has stopped: its
+        // entry is exact once it sleeps, and the sum over all threads cannot be below it.
+        let (report, reported) = std::sync::mpsc::sync_channel(1);
+        let (release, released) = std::sync::mpsc::sync_channel::<()>(1);
+        let worker = std::thread::spawn(move || {
+            let start = thread_cpu_seconds();
+            let mut x = 0u64;
+            while thread_cpu_seconds() - start < 0.005 {
+                for _ in 0..1_000 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+            }
+            // SAFETY: gettid takes no arguments and cannot fail.
+            let tid = unsafe { libc::gettid() };
+            report.send((tid, thread_cpu_seconds())).unwrap();
+            let _ = released.recv();
+        });
+        let (tid, used) = reported.recv().unwrap();
+        let task = std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+        let wall = std::time::Instant::now();
+        while !std::fs::read_to_string(task.join("stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('S')))
+        {
+            assert!(
+                wall.elapsed().as_secs() < 5,
+                "the worker never went to sleep"
+            );
+            std::thread::yield_now();
         }
+        let sched = std::fs::read_to_string(task.join("sched")).unwrap();
+        let entry = sum_exec_runtime_ms(&sched).unwrap() / 1e3;
+        // The worker's last reading came just before it sent and slept.
+        assert!(
+            (used..used + 0.005).contains(&entry),
+            "entry {entry} s, used {used} s"
+        );
+        let all = threads_cpu_seconds(std::path::Path::new("/proc/self")).unwrap();
+        assert!(
+            all >= entry,
+            "all threads {all} s, the worker alone {entry} s"
+        );
+        release.send(()).unwrap();
+        worker.join().unwrap();
     }
 }
