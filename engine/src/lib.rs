@@ -17,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod dev;
 pub mod engine;
+pub mod huge_pages;
 pub mod providers;
 pub mod seed;
 pub mod signal;

@@ -132,6 +132,9 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = herald_engine::huge_pages::disable_transparent_huge_pages() {
+        tracing::warn!(error = %e, "transparent huge pages stay on: first touches of memory may stall for a page fault");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -72,6 +72,11 @@ async fn node_killed_mid_campaign_loses_no_user() {
             }
         }
         let reply = reply.expect("the node answered");
+        // The binary turns transparent huge pages off for itself (herald_engine::huge_pages).
+        let status = std::fs::read_to_string(format!("/proc/{}/status", first.0.id())).unwrap();
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+        }
         assert!(
             wait_until(Duration::from_secs(60), || async {
                 sink.delivered_total() >= 3_000

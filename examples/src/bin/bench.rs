@@ -328,6 +328,10 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    // As the `herald` binary does (herald_engine::huge_pages says why).
+    if let Err(e) = herald_engine::huge_pages::disable_transparent_huge_pages() {
+        eprintln!("warning: transparent huge pages stay on: {e}");
+    }
     if args.only_logins {
         eprintln!(
             "logins: {} events of {} users ...",
