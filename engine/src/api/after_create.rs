@@ -1,9 +1,9 @@
 //! What a create does after its reply, batched over the creates that finish within a few
 //! milliseconds of each other ([`next_round`]): record each new id under its dedupe key in
-//! Redis (one pipeline), so repeats get it at once, and announce new campaigns on the
-//! campaigns stream (one pipelined publish). Neither is needed for correctness: the database
-//! catches repeats Redis has not heard of, and a node that finds a pending campaign announces
-//! it again.
+//! Redis (the round's commands in one write), so repeats get it at once, and announce new
+//! campaigns on the campaigns stream (one pipelined publish). Neither is needed for
+//! correctness: the database catches repeats Redis has not heard of, and a node that finds a
+//! pending campaign announces it again.
 
 use std::time::Duration;
 
@@ -119,7 +119,7 @@ async fn collect(
 
 /// The next round: the first job to come, then whatever comes within `linger` of it, at most
 /// `max` jobs. Nobody waits for this work, so a round waits for the creates that follow: at a
-/// steady few creates per millisecond that makes one Redis pipeline and one burst of
+/// steady few creates per millisecond that makes one Redis write and one burst of
 /// announcements (which a sharder then takes as one batch) of several creates instead of one
 /// each. None once every sender is gone and nothing is left.
 async fn next_round<T>(rx: &mut mpsc::Receiver<T>, linger: Duration, max: usize) -> Option<Vec<T>> {
