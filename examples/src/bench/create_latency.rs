@@ -75,7 +75,7 @@ impl Latencies {
             slowest,
         };
         let windows = if paced {
-            let tail = lat.len() - lat.quantile_index(0.99).min(lat.len());
+            let tail = lat.p99_tail().len();
             let mut slow: Vec<Window> = requests.iter().map(one).collect();
             slow.sort_by_key(|w| std::cmp::Reverse(w.slowest));
             slow.truncate(tail);
@@ -136,6 +136,11 @@ impl Latencies {
         ((self.samples.len().saturating_sub(1)) as f64 * q).round() as usize
     }
 
+    /// The samples at or above the p99, slowest last.
+    fn p99_tail(&self) -> &[(Duration, usize)] {
+        &self.samples[self.quantile_index(0.99).min(self.samples.len())..]
+    }
+
     /// The mean.
     pub fn mean(&self) -> Duration {
         let n = u32::try_from(self.samples.len()).unwrap_or(u32::MAX).max(1);
@@ -155,10 +160,7 @@ impl Latencies {
         for &(d, r) in &self.samples {
             slowest_of[r] = slowest_of[r].max(d);
         }
-        let mut tail: Vec<usize> = self.samples[self.quantile_index(0.99)..]
-            .iter()
-            .map(|s| s.1)
-            .collect();
+        let mut tail: Vec<usize> = self.p99_tail().iter().map(|s| s.1).collect();
         tail.sort_unstable();
         tail.dedup();
         let slowest_round = (0..count).max_by_key(|&r| slowest_of[r]).unwrap_or(0) + 1;
