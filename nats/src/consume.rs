@@ -9,17 +9,16 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{
-    self,
-    consumer::pull::{self, MessagesError, MessagesErrorKind},
-    consumer::PullConsumer,
-    AckKind,
-};
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_schemas::{encode, DeadLetter, Subjects, SCHEMA_VERSION};
 
-use crate::{publish_all, NatsError, Outgoing};
+use crate::{
+    publish_all,
+    pull::{pull_messages, PullError},
+    NatsError, Outgoing,
+};
 
 /// How a stage pulls and retries.
 #[derive(Debug, Clone)]
@@ -110,31 +109,6 @@ impl Delivery {
     }
 }
 
-/// How long a pull request waits at the server. async-nats counts the messages it has asked
-/// for, and when the server no longer holds a request the client still counts (the bench's
-/// baseline consumer was seen stalled so, once), the client only asks again when its own
-/// timer runs out, `expires` + 5 s after its last request. With 30 s that was a 35 s stall;
-/// with 5 s it is at most 10 s, for one pull request per 5 s from an idle consumer.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// The server's idle heartbeat on a waiting pull request (at most half of `PULL_EXPIRES`).
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
-
-/// Opens the pull stream every loop here uses (and the bench's scratch consumers):
-/// `batch` messages per pull request, short-lived requests and idle heartbeats.
-pub async fn pull_messages(
-    consumer: &PullConsumer,
-    batch: usize,
-) -> Result<pull::Stream, NatsError> {
-    consumer
-        .stream()
-        .max_messages_per_batch(batch.max(1))
-        .heartbeat(PULL_HEARTBEAT)
-        .expires(PULL_EXPIRES)
-        .messages()
-        .await
-        .map_err(|e| NatsError::Topology(format!("consumer {}: {e}", consumer.cached_info().name)))
-}
-
 /// Pulls from `consumer` until `stop` resolves, handling up to `settings.concurrency` messages
 /// at once. Messages in flight when `stop` resolves are finished and settled; those not yet
 /// started are left unacked and come back to some worker after the ack wait. Returns
@@ -155,7 +129,7 @@ where
     let mut consumer = consumer;
     let durable = consumer.cached_info().name.clone();
     let stream_name = consumer.cached_info().stream_name.clone();
-    let messages = pull_messages(&consumer, settings.concurrency).await?;
+    let messages = pull_messages(&js, &consumer, settings.concurrency).await?;
     let _ = consumer.info().await;
     let deleted = AtomicBool::new(false);
     let deleted = &deleted;
@@ -206,8 +180,8 @@ where
 /// Logs a pull error. Heartbeat and pull errors are usually transient, and the stream goes
 /// on. A deleted consumer ends it: that is how a campaign's stages learn that another node
 /// finished it, so it is noted in `deleted` and logged as news, not as a fault.
-pub(crate) fn pull_error(durable: &str, e: &MessagesError, deleted: &AtomicBool) {
-    if e.kind() == MessagesErrorKind::ConsumerDeleted {
+pub(crate) fn pull_error(durable: &str, e: &PullError, deleted: &AtomicBool) {
+    if *e == PullError::ConsumerDeleted {
         deleted.store(true, Ordering::Relaxed);
         tracing::info!(consumer = %durable, "consumer deleted, pulling stops");
     } else {

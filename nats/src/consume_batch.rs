@@ -10,9 +10,8 @@ use futures::StreamExt;
 use herald_schemas::Subjects;
 
 use crate::{
-    consume::{
-        ended, pull_error, pull_messages, settle, with_progress, ConsumeSettings, Delivery, Outcome,
-    },
+    consume::{ended, pull_error, settle, with_progress, ConsumeSettings, Delivery, Outcome},
+    pull::pull_messages,
     NatsError,
 };
 
@@ -47,7 +46,7 @@ where
     let stream_name = consumer.cached_info().stream_name.clone();
     let size = settings.batch_size.max(1);
     let concurrency = settings.consume.concurrency.max(1);
-    let messages = pull_messages(&consumer, size * concurrency).await?;
+    let messages = pull_messages(&js, &consumer, size * concurrency).await?;
     let _ = consumer.info().await;
     let deleted = AtomicBool::new(false);
     let deleted = &deleted;

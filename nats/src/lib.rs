@@ -5,11 +5,13 @@
 pub mod consume;
 pub mod consume_batch;
 pub mod publish;
+pub mod pull;
 pub mod topology;
 
 pub use consume::{consume, ConsumeSettings, Delivery, Outcome};
 pub use consume_batch::{consume_batches, BatchSettings};
 pub use publish::{publish_all, Outgoing};
+pub use pull::{pull_messages, PullError, PullStream};
 pub use topology::{StageConsumer, StreamSettings, Topology};
 
 /// Waits until the server has processed everything this connection sent so far (for example

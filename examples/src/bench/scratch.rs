@@ -14,7 +14,7 @@ pub async fn stream_with_consumer(
     prefix: &str,
     name: &str,
     consumer: pull::Config,
-) -> anyhow::Result<(String, String, pull::Stream)> {
+) -> anyhow::Result<(String, String, herald_nats::PullStream)> {
     let stream_name =
         herald_engine::schemas::Subjects::new(prefix).stream(&name.to_ascii_uppercase());
     let subject = format!("{prefix}.{name}");
@@ -32,9 +32,9 @@ pub async fn stream_with_consumer(
             ..consumer
         })
         .await?;
-    // herald's own pull settings, so a lost pull request stalls the scratch consumer no
+    // herald's own pull stream, so a lost pull request stalls the scratch consumer no
     // longer than it would stall a stage.
-    let messages = herald_nats::consume::pull_messages(&consumer, 200).await?;
+    let messages = herald_nats::pull_messages(js, &consumer, 200).await?;
     Ok((stream_name, subject, messages))
 }
 
