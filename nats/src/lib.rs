@@ -1,6 +1,7 @@
 //! herald's JetStream layer: the stream topology ([`Topology`]), batched publishing with
-//! deterministic message ids ([`publish_all`]), and the consume side ([`Delivery`]): typed
-//! decode, ack after the work, bounded retry with a delay, and dead letters.
+//! deterministic message ids ([`publish_all`]), the pull stream ([`PullStream`]), and the
+//! consume side ([`Delivery`]): typed decode, ack after the work, bounded retry with a
+//! delay, and dead letters.
 
 pub mod consume;
 pub mod consume_batch;

@@ -9,7 +9,7 @@
 //! request the count knows of: async-nats then reports the error and asks again only when its
 //! own timer runs out, `expires` + 5 s after its last request, which stalled the bench's
 //! baseline and once a herald stage for up to 10 s. Here the count is reset and a new request
-//! goes out on the next poll, as the Go client does, so such a stall lasts two heartbeats.
+//! goes out on the next poll, so such a stall lasts two heartbeats.
 
 use std::{
     future::Future,

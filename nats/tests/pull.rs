@@ -295,9 +295,10 @@ async fn a_lost_pull_request_is_asked_again_two_heartbeats_later() {
     assert_eq!(proxy.lost(), 1, "the proxy lost the first pull request");
     assert_each_once(&pulled.messages, 30);
     assert_eq!(pulled.errors, vec![PullError::MissedHeartbeat]);
-    // Two heartbeats (1 s) and the pulls; the request's own expiry is 5 s.
+    // Two heartbeats (1 s) and the pulls, with room for a loaded machine; async-nats's own
+    // timer would have asked again after 10 s.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(4),
         "recovered after {took:?}, not two heartbeats"
     );
 }
