@@ -201,9 +201,13 @@ impl Scratch {
     }
 
     async fn publish(&self, range: std::ops::Range<usize>) {
+        self.publish_through(&self.js, range).await;
+    }
+
+    /// Publishes `range` on `js`'s connection, which may not be the stream's.
+    async fn publish_through(&self, js: &jetstream::Context, range: std::ops::Range<usize>) {
         for i in range {
-            self.js
-                .publish(self.subject.clone(), i.to_string().into())
+            js.publish(self.subject.clone(), i.to_string().into())
                 .await
                 .expect("publish")
                 .await
@@ -270,11 +274,15 @@ fn assert_each_once(messages: &[usize], count: usize) {
     assert_eq!(distinct, (0..count).collect(), "each message once");
 }
 
-async fn via(proxy: &Proxy) -> jetstream::Context {
+/// A proxy, and a scratch stream whose client connects through it. Keep the proxy alive: its
+/// connections close when it is dropped.
+async fn through_proxy(max_ack_pending: i64) -> (Proxy, Scratch) {
+    let proxy = Proxy::start().await;
     let client = async_nats::connect(proxy.url())
         .await
         .expect("connect through the proxy");
-    jetstream::new(client)
+    let scratch = Scratch::new(&jetstream::new(client), max_ack_pending).await;
+    (proxy, scratch)
 }
 
 /// The stall this stream exists for: the server holds no request the client counts. async-nats
@@ -282,9 +290,7 @@ async fn via(proxy: &Proxy) -> jetstream::Context {
 /// again two heartbeats after the last thing it received.
 #[tokio::test]
 async fn a_lost_pull_request_is_asked_again_two_heartbeats_later() {
-    let proxy = Proxy::start().await;
-    let js = via(&proxy).await;
-    let scratch = Scratch::new(&js, 1000).await;
+    let (proxy, scratch) = through_proxy(1000).await;
     scratch.publish(0..30).await;
     proxy.lose_pull_requests(1);
     let mut stream = scratch.pull(10).await;
@@ -307,9 +313,7 @@ async fn a_lost_pull_request_is_asked_again_two_heartbeats_later() {
 /// requests, and a message published later arrives at once.
 #[tokio::test]
 async fn an_idle_consumer_is_kept_by_the_heartbeats() {
-    let proxy = Proxy::start().await;
-    let js = via(&proxy).await;
-    let scratch = Scratch::new(&js, 1000).await;
+    let (_proxy, scratch) = through_proxy(1000).await;
     let mut stream = scratch.pull(10).await;
     let (idle, _) = pull_until(&mut stream, 1, 6 * HEARTBEAT, true).await;
     assert!(idle.messages.is_empty());
@@ -328,9 +332,7 @@ async fn an_idle_consumer_is_kept_by_the_heartbeats() {
 /// heartbeats must keep the stream from asking again and again.
 #[tokio::test]
 async fn a_consumer_at_max_ack_pending_is_not_reset() {
-    let proxy = Proxy::start().await;
-    let js = via(&proxy).await;
-    let scratch = Scratch::new(&js, 3).await;
+    let (_proxy, scratch) = through_proxy(3).await;
     scratch.publish(0..10).await;
     let mut stream = scratch.pull(10).await;
     let (first, held) = pull_until(&mut stream, 3, Duration::from_secs(5), false).await;
@@ -355,9 +357,7 @@ async fn a_consumer_at_max_ack_pending_is_not_reset() {
 /// NATS asks that a continuous pull work with a batch of one (its threshold is then zero).
 #[tokio::test]
 async fn a_batch_of_one_pulls_every_message() {
-    let proxy = Proxy::start().await;
-    let js = via(&proxy).await;
-    let scratch = Scratch::new(&js, 1000).await;
+    let (_proxy, scratch) = through_proxy(1000).await;
     scratch.publish(0..20).await;
     let mut stream = scratch.pull(1).await;
     let (pulled, _) = pull_until(&mut stream, 20, Duration::from_secs(10), true).await;
@@ -370,9 +370,7 @@ async fn a_batch_of_one_pulls_every_message() {
 /// cut and those after, still arrives once.
 #[tokio::test]
 async fn a_reconnect_loses_no_message() {
-    let proxy = Proxy::start().await;
-    let js = via(&proxy).await;
-    let scratch = Scratch::new(&js, 1000).await;
+    let (proxy, scratch) = through_proxy(1000).await;
     scratch.publish(0..10).await;
     let mut stream = scratch.pull(10).await;
     let (before, _) = pull_until(&mut stream, 10, Duration::from_secs(5), true).await;
@@ -383,14 +381,7 @@ async fn a_reconnect_loses_no_message() {
             .await
             .expect("connect to nats"),
     );
-    for i in 10..20 {
-        other
-            .publish(scratch.subject.clone(), i.to_string().into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
-    }
+    scratch.publish_through(&other, 10..20).await;
     let (after, _) = pull_until(&mut stream, 10, Duration::from_secs(10), true).await;
     scratch.delete().await;
     let mut all = before.messages;
@@ -401,13 +392,13 @@ async fn a_reconnect_loses_no_message() {
 /// The consumer deleted under the stream ends it with `ConsumerDeleted`.
 #[tokio::test]
 async fn a_deleted_consumer_ends_the_stream() {
-    let proxy = Proxy::start().await;
-    let js = via(&proxy).await;
-    let scratch = Scratch::new(&js, 1000).await;
+    let (_proxy, scratch) = through_proxy(1000).await;
     let mut stream = scratch.pull(10).await;
     let (idle, _) = pull_until(&mut stream, 1, HEARTBEAT, true).await;
     assert!(idle.messages.is_empty() && idle.errors.is_empty());
-    js.delete_consumer_from_stream(&scratch.consumer, &scratch.stream)
+    scratch
+        .js
+        .delete_consumer_from_stream(&scratch.consumer, &scratch.stream)
         .await
         .expect("delete consumer");
     let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
