@@ -75,7 +75,9 @@ pub struct PullStream {
     sending: Option<Sending>,
     /// Two heartbeat intervals.
     watchdog_period: Duration,
-    /// Fires `watchdog_period` after the last request or the last thing received.
+    /// When the last request went out or the last thing came in.
+    heard: Instant,
+    /// Fires at or before `heard` + `watchdog_period`; moved only when it fires early.
     watchdog: Pin<Box<Sleep>>,
     /// Set after a request failed: no request before it fires.
     retry: Option<Pin<Box<Sleep>>>,
@@ -127,6 +129,7 @@ impl PullStream {
             pending: 0,
             sending: None,
             watchdog_period: heartbeat * 2,
+            heard: Instant::now(),
             watchdog: Box::pin(tokio::time::sleep(heartbeat * 2)),
             retry: None,
             ended: false,
@@ -138,9 +141,29 @@ impl PullStream {
         self.pending
     }
 
-    fn rearm_watchdog(&mut self) {
-        let at = Instant::now() + self.watchdog_period;
-        self.watchdog.as_mut().reset(at);
+    /// Whether nothing was heard for two heartbeats. Hearing something only notes the time:
+    /// moving the timer at every message would take the timer wheel's lock each time, so the
+    /// timer is moved on when it fires and something was heard since.
+    fn silent_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.watchdog.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.heard + self.watchdog_period;
+            if Instant::now() >= due {
+                return true;
+            }
+            self.watchdog.as_mut().reset(due);
+        }
+    }
+
+    /// Starts a new silence: the next check fires two heartbeats from now.
+    fn restart_silence(&mut self, cx: &mut Context<'_>) {
+        self.heard = Instant::now();
+        self.watchdog
+            .as_mut()
+            .reset(self.heard + self.watchdog_period);
+        let _ = self.watchdog.as_mut().poll(cx);
     }
 
     /// Sends a request for a batch when half a batch or less is outstanding.
@@ -158,7 +181,7 @@ impl PullStream {
         );
         self.sending =
             Some(async move { client.publish_with_reply(subject, inbox, body).await }.boxed());
-        self.rearm_watchdog();
+        self.heard = Instant::now();
     }
 
     /// A request that was not sent, or that the server turned down whole: forget its count and
@@ -260,7 +283,7 @@ impl Stream for PullStream {
                     return Poll::Ready(None);
                 }
                 Poll::Ready(Some(message)) => {
-                    this.rearm_watchdog();
+                    this.heard = Instant::now();
                     match message.status {
                         None | Some(StatusCode::OK) => {
                             this.pending = this.pending.saturating_sub(1);
@@ -280,17 +303,14 @@ impl Stream for PullStream {
             }
         }
         // Waiting for messages the count says a request is waiting for.
-        if this.pending > 0 && this.sending.is_none() && this.watchdog.as_mut().poll(cx).is_ready()
-        {
+        if this.pending > 0 && this.sending.is_none() && this.silent_too_long(cx) {
+            this.restart_silence(cx);
             if this.client.connection_state() != State::Connected {
                 // Requests made while disconnected go out on reconnect; the server's lost
                 // ones are caught two heartbeats after.
-                this.rearm_watchdog();
-                let _ = this.watchdog.as_mut().poll(cx);
                 return Poll::Pending;
             }
             this.pending = 0;
-            this.rearm_watchdog();
             return Poll::Ready(Some(Err(PullError::MissedHeartbeat)));
         }
         Poll::Pending
