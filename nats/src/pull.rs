@@ -141,9 +141,9 @@ impl PullStream {
         self.pending
     }
 
-    /// Whether nothing was heard for two heartbeats. Hearing something only notes the time:
-    /// moving the timer at every message would take the timer wheel's lock each time, so the
-    /// timer is moved on when it fires and something was heard since.
+    /// Whether nothing was heard for two heartbeats. Hearing something only notes the time;
+    /// the timer is moved on when it fires and something was heard since, so a busy stream
+    /// touches its timer once per two heartbeats, not at every message.
     fn silent_too_long(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
             if self.watchdog.as_mut().poll(cx).is_pending() {
