@@ -19,7 +19,7 @@ use std::{
 };
 
 use async_nats::{
-    client::PublishError, connection::State, jetstream, Client, StatusCode, Subject, Subscriber,
+    client::PublishError, connection::State, jetstream, StatusCode, Subject, Subscriber,
 };
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
@@ -62,7 +62,6 @@ type Sending = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
 /// sends to a request of a dropped stream come back to another after the ack wait.
 pub struct PullStream {
     context: jetstream::Context,
-    client: Client,
     /// `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`.
     next_subject: Subject,
     inbox: Subject,
@@ -120,7 +119,6 @@ impl PullStream {
         );
         Ok(Self {
             context: js.clone(),
-            client,
             next_subject: format!("{API_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{consumer}").into(),
             inbox,
             request: Bytes::from(request),
@@ -174,7 +172,7 @@ impl PullStream {
         // Counted before it is sent, so that no message of it can arrive uncounted.
         self.pending += self.batch;
         let (client, subject, inbox, body) = (
-            self.client.clone(),
+            self.context.client(),
             self.next_subject.clone(),
             self.inbox.clone(),
             self.request.clone(),
@@ -305,7 +303,7 @@ impl Stream for PullStream {
         // Waiting for messages the count says a request is waiting for.
         if this.pending > 0 && this.sending.is_none() && this.silent_too_long(cx) {
             this.restart_silence(cx);
-            if this.client.connection_state() != State::Connected {
+            if this.context.client().connection_state() != State::Connected {
                 // Requests made while disconnected go out on reconnect; the server's lost
                 // ones are caught two heartbeats after.
                 return Poll::Pending;
